@@ -1,0 +1,99 @@
+"""Kernel backends for the hindsight loss, behind one dispatch point.
+
+Every backend implements the same two functions (the *kernel contract*); ``hsd.loss`` owns the
+reductions, centring and autograd, and calls a backend only through :func:`select_backend`.
+
+``fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+coef, advantage, spec, compute_grad)``
+    student_hidden, teacher_hidden: [N, H]; weight: [V, H]; bias: [V] or None; teacher_weight /
+    teacher_bias: the teacher's head, always given (it may be the same tensor as ``weight``;
+    teacher_bias None = no bias), never differentiated; target_ids: [N] int64 or None; coef: [N] float32 per-token
+    gradient weights (0 = the token is skipped and its gradient row is exactly 0);
+    advantage: [N] float32 or None (sampled mode: use these A_t instead of the computed ones).
+    Returns ``(token_loss [N] f32, stats [N, 4] f32, grad_hidden, grad_weight, grad_bias)``; the
+    gradients are those of ``sum_i coef_i * token_loss_i`` (grad_weight / grad_bias in float32),
+    or None when ``compute_grad`` is False or the input has no gradient (bias None).
+``logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad)``
+    The same from [N, V] logits; returns ``(token_loss, stats, grad_student_logits)``.
+
+Per token, with s = student logits / T and t = teacher logits / T, lp = log_softmax:
+    stats[:, 0] = lp_s[y], stats[:, 1] = lp_t[y], stats[:, 2] = A = lp_t[y] - lp_s[y]
+    (zeros without targets), stats[:, 3] = the per-token divergence (sampled: the one-sample
+    estimate -A of the reverse KL; full / topk: D before kl_clip).
+    sampled: a = advantage if given, else clamp(A, +-signal_clip); token_loss = -a * lp_s[y].
+    full / topk: token_loss = min(D, kl_clip), D from :func:`hsd.loss.divergence`.
+Top-k tail bucket: P_tail = max(1 - sum of the support's probabilities, 0).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("hsd")
+
+SAMPLED, FULL, TOPK = 0, 1, 2
+MODES = {"sampled": SAMPLED, "full": FULL, "topk": TOPK}
+BACKEND_NAMES = ("reference", "torch", "cpu", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """What a kernel computes per token (everything except reductions and centring)."""
+
+    mode: int = SAMPLED
+    alpha: float = 1.0
+    temperature: float = 1.0
+    topk: int = 0
+    topk_from_teacher: bool = False
+    tail: bool = True
+    signal_clip: float = 0.0  # <= 0: no clip
+    kl_clip: float = 0.0  # <= 0: no clip
+
+
+def _load(name: str):
+    """Import a backend module by name; None when it cannot run in this environment."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown hsd backend {name!r}; expected one of {BACKEND_NAMES}")
+    module = {"torch": "torch_chunked", "triton": "triton_backend", "cuda": "cuda_backend"}.get(name, name)
+    try:
+        mod = importlib.import_module(f"{__name__}.{module}")
+    except ImportError as err:  # an optional dependency (triton) is missing
+        logger.debug("hsd backend %s unavailable: %s", name, err)
+        return None
+    return mod if mod.is_available() else None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process."""
+    return [n for n in BACKEND_NAMES if _load(n) is not None]
+
+
+def select_backend(device: torch.device, requested: Optional[str] = None):
+    """The one dispatch point: returns the backend module for tensors on ``device``.
+
+    ``requested`` (or the ``HSD_BACKEND`` environment variable) forces a backend and raises a
+    clear error when it is unavailable. Otherwise the fastest available one for the device.
+    """
+    requested = requested or os.environ.get("HSD_BACKEND") or None
+    if requested:
+        if requested not in BACKEND_NAMES:
+            raise ValueError(f"HSD_BACKEND={requested!r} is not one of {BACKEND_NAMES}")
+        mod = _load(requested)
+        if mod is None:
+            raise RuntimeError(f"hsd backend {requested!r} is not available here "
+                               f"(available: {available_backends()})")
+        if not mod.supports(device):
+            raise RuntimeError(f"hsd backend {requested!r} cannot run on {device} tensors")
+        return mod
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for name in order:
+        mod = _load(name)
+        if mod is not None and mod.supports(device):
+            return mod
+    return _load("reference")

@@ -1,0 +1,148 @@
+"""Portable backend: the kernel contract in plain PyTorch with analytic gradients.
+
+Runs on any device. The fused form walks the tokens in chunks, so extra memory is
+O(chunk x V); it is the readable specification the compiled kernels mirror, and the fallback
+when they are missing.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import FULL, SAMPLED, TOPK
+
+name = "torch"
+CHUNK_ELEMENTS = 1 << 23  # logits per chunk (x ~8 temporaries of 4 bytes)
+
+
+def is_available() -> bool:
+    return True
+
+
+def supports(device: torch.device) -> bool:
+    return True
+
+
+def _plogratio(logp, logq):
+    present = logp > float("-inf")
+    return torch.where(present, logp.exp() * (logp - logq), torch.zeros_like(logp))
+
+
+def _divergence_and_slope(lp, lq, alpha):
+    """Per-row divergence D and H = p * dD/dp (the slope in log-probability coordinates).
+
+    H omits terms proportional to p, which cancel in every chain rule below (sum p = 1).
+    """
+    if alpha == 0.0:
+        return _plogratio(lq, lp).sum(-1), -lq.exp()
+    if alpha == 1.0:
+        slope = _plogratio(lp, lq)
+        return slope.sum(-1), slope
+    lm = torch.logaddexp(lp + math.log1p(-alpha), lq + math.log(alpha))
+    slope = (1.0 - alpha) * _plogratio(lp, lm)
+    return slope.sum(-1) + alpha * _plogratio(lq, lm).sum(-1), slope
+
+
+def token_terms(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
+    """The contract on a block of logits: (token_loss, stats, grad wrt student logits or None)."""
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    lp_s = torch.log_softmax(student_logits.to(dtype) / spec.temperature, -1)
+    lp_t = torch.log_softmax(teacher_logits.to(dtype) / spec.temperature, -1)
+    n = lp_s.shape[0]
+    if target_ids is not None:
+        lp_s_y = lp_s.gather(1, target_ids[:, None])[:, 0]
+        lp_t_y = lp_t.gather(1, target_ids[:, None])[:, 0]
+    else:
+        lp_s_y = lp_t_y = torch.zeros(n, dtype=dtype, device=lp_s.device)
+    adv = lp_t_y - lp_s_y
+    coef = coef.to(dtype)
+    grad = None
+    if spec.mode == SAMPLED:
+        a = advantage.to(dtype) if advantage is not None else adv
+        if advantage is None and spec.signal_clip > 0:
+            a = a.clamp(-spec.signal_clip, spec.signal_clip)
+        token_loss, div = -a * lp_s_y, -adv
+        if compute_grad:  # d(-a log p_y)/ds = a (p - onehot_y)
+            scale = (coef * a)[:, None]
+            grad = lp_s.exp() * scale
+            grad.scatter_add_(1, target_ids[:, None], -scale)
+    else:
+        p = lp_s.exp()
+        if spec.mode == FULL:
+            div, slope = _divergence_and_slope(lp_s, lp_t, spec.alpha)
+            if compute_grad:
+                grad = slope - p * slope.sum(-1, keepdim=True)
+        else:
+            ranked = lp_t if spec.topk_from_teacher else lp_s
+            ids = ranked.topk(spec.topk, -1).indices
+            sup_s, sup_t = lp_s.gather(1, ids), lp_t.gather(1, ids)
+            if spec.tail:
+                tail_s = (1.0 - sup_s.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+                tail_t = (1.0 - sup_t.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+                div, slope = _divergence_and_slope(torch.cat([sup_s, tail_s.log()], -1),
+                                                   torch.cat([sup_t, tail_t.log()], -1), spec.alpha)
+                if compute_grad:
+                    slope_sup, slope_tail = slope[:, :-1], slope[:, -1:]
+                    # off-support entries move the tail bucket: p_l/P_tail of it, (1-P_tail) net
+                    per_tail = torch.where(tail_s > 0, slope_tail / tail_s.clamp_min(1e-300),
+                                           torch.zeros_like(tail_s))
+                    grad = p * (-slope_sup.sum(-1, keepdim=True) + (1.0 - tail_s) * per_tail)
+                    on_sup = slope_sup - p.gather(1, ids) * (slope_sup.sum(-1, keepdim=True)
+                                                             + slope_tail)
+                    grad.scatter_(1, ids, on_sup)
+            else:
+                sup_s = sup_s - torch.logsumexp(sup_s, -1, keepdim=True)
+                sup_t = sup_t - torch.logsumexp(sup_t, -1, keepdim=True)
+                div, slope = _divergence_and_slope(sup_s, sup_t, spec.alpha)
+                if compute_grad:
+                    grad = torch.zeros_like(p).scatter_(
+                        1, ids, slope - sup_s.exp() * slope.sum(-1, keepdim=True))
+        token_loss = div
+        if spec.kl_clip > 0:
+            token_loss = div.clamp(max=spec.kl_clip)
+            if compute_grad:
+                grad = torch.where((div > spec.kl_clip)[:, None], torch.zeros_like(grad), grad)
+        if compute_grad:
+            grad = grad * coef[:, None]
+    if grad is not None:
+        grad = torch.where(coef[:, None] != 0, grad / spec.temperature, torch.zeros_like(grad))
+    stats = torch.stack([lp_s_y, lp_t_y, adv, div], -1)
+    return token_loss, stats, grad
+
+
+def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
+    token_loss, stats, grad = token_terms(student_logits, teacher_logits, target_ids, coef,
+                                          advantage, spec, compute_grad)
+    return token_loss, stats, grad.to(student_logits.dtype) if grad is not None else None
+
+
+def chunk_rows(n: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
+    return max(1, min(n, budget // max(vocab, 1)))
+
+
+def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+          coef, advantage, spec, compute_grad):
+    n, vocab = student_hidden.shape[0], weight.shape[0]
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    token_loss = torch.empty(n, dtype=acc, device=student_hidden.device)
+    stats = torch.empty(n, 4, dtype=acc, device=student_hidden.device)
+    grad_h = torch.zeros_like(student_hidden) if compute_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) \
+        if compute_grad and bias is not None else None
+    step = chunk_rows(n, vocab)
+    for i in range(0, n, step):
+        rows = slice(i, min(i + step, n))
+        s = F.linear(student_hidden[rows], weight, bias)
+        t = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+        loss_i, stats_i, g = token_terms(s, t, None if target_ids is None else target_ids[rows],
+                                         coef[rows], None if advantage is None else advantage[rows],
+                                         spec, compute_grad)
+        token_loss[rows], stats[rows] = loss_i, stats_i
+        if g is not None:
+            grad_h[rows] = g.to(weight.dtype) @ weight
+            grad_w.addmm_(g.t(), student_hidden[rows].to(acc))
+            if grad_b is not None:
+                grad_b += g.sum(0)
+    return token_loss, stats, grad_h, grad_w, grad_b

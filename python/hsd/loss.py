@@ -1,0 +1,451 @@
+"""The hindsight self-distillation loss: the math, its reductions, and the dispatch to kernels.
+
+Student distribution p_s = softmax(student logits / T), teacher p_t = softmax(teacher logits / T)
+under stop-gradient. Three per-token objectives (``mode``):
+
+* ``"sampled"`` (the paper's default): A_t = log p_t(y_t) - log p_s(y_t); loss_t = -sg(A_t) *
+  log p_s(y_t). Needs ``target_ids`` (the logged response tokens).
+* ``"full"``: a divergence over the whole vocabulary, TRL's alpha convention: alpha=0 forward
+  KL(p_t || p_s), alpha=1 reverse KL(p_s || p_t), 0<alpha<1 the generalised JSD with
+  m = (1-alpha) p_s + alpha p_t: D = (1-alpha) KL(p_s || m) + alpha KL(p_t || m).
+* ``"topk"``: the same divergence on the top-k support of ``topk_support``'s logits (the other
+  side gathered at those ids), plus a tail bucket log(1 - sum p_topk) on both sides
+  (``tail=True``) or both renormalised over the support (``tail=False``).
+
+The float64-exact definition lives here (:func:`divergence`, :func:`reference_token_terms`);
+every backend in :mod:`hsd.backends` is tested against it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backends import FULL, MODES, SAMPLED, TOPK, DivergenceSpec, select_backend
+
+logger = logging.getLogger("hsd")
+
+REDUCTIONS = ("seq_mean", "token_mean", "sum", "none")
+STAT_NAMES = ("student_logp", "teacher_logp", "advantage", "divergence")
+
+
+# ----------------------------------------------------------------------------------------------
+# The definition (pure PyTorch, differentiable, exact in float64)
+# ----------------------------------------------------------------------------------------------
+def _plogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Elementwise p * (log p - log q) with 0 * log 0 = 0, safe for autograd at p = 0."""
+    present = logp > float("-inf")
+    safe_logp = torch.where(present, logp, torch.zeros_like(logp))
+    safe_logq = torch.where(present, logq, torch.zeros_like(logq))
+    return torch.where(present, safe_logp.exp() * (safe_logp - safe_logq), torch.zeros_like(logp))
+
+
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-row divergence between two log-probability tensors (last dimension), TRL convention."""
+    if alpha == 0.0:
+        return _plogratio(teacher_logp, student_logp).sum(-1)
+    if alpha == 1.0:
+        return _plogratio(student_logp, teacher_logp).sum(-1)
+    mix_logp = torch.logaddexp(student_logp + torch.log1p(torch.tensor(-alpha, dtype=student_logp.dtype)),
+                               teacher_logp + torch.log(torch.tensor(alpha, dtype=student_logp.dtype)))
+    return ((1.0 - alpha) * _plogratio(student_logp, mix_logp).sum(-1)
+            + alpha * _plogratio(teacher_logp, mix_logp).sum(-1))
+
+
+def _topk_bucket_logp(logp: torch.Tensor, ids: torch.Tensor, tail: bool) -> torch.Tensor:
+    """Log-probabilities over the support ``ids`` (+ the tail bucket, or renormalised)."""
+    support = logp.gather(-1, ids)
+    if not tail:
+        return support - torch.logsumexp(support, -1, keepdim=True)
+    tail_p = (1.0 - support.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    return torch.cat([support, tail_p.log()], -1)
+
+
+def reference_token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          target_ids: Optional[torch.Tensor], spec: DivergenceSpec,
+                          advantage: Optional[torch.Tensor] = None):
+    """Per-token loss and stats by the definition; differentiable in ``student_logits``.
+
+    Computes in float64 when given float64, else float32. Returns ``(token_loss [N], stats [N, 4])``
+    with the stats columns named in :data:`STAT_NAMES` (all detached).
+    """
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    lp_s = torch.log_softmax(student_logits.to(dtype) / spec.temperature, -1)
+    lp_t = torch.log_softmax(teacher_logits.detach().to(dtype) / spec.temperature, -1)
+    n = lp_s.shape[0]
+    if target_ids is not None:
+        lp_s_y = lp_s.gather(-1, target_ids[:, None])[:, 0]
+        lp_t_y = lp_t.gather(-1, target_ids[:, None])[:, 0]
+    else:
+        lp_s_y = lp_t_y = torch.zeros(n, dtype=dtype, device=lp_s.device)
+    adv = (lp_t_y - lp_s_y).detach()
+    if spec.mode == SAMPLED:
+        a = advantage.to(dtype) if advantage is not None else adv
+        if advantage is None and spec.signal_clip > 0:
+            a = a.clamp(-spec.signal_clip, spec.signal_clip)
+        token_loss = -a * lp_s_y
+        div = -adv
+    else:
+        if spec.mode == TOPK:
+            ranked = lp_t if spec.topk_from_teacher else lp_s
+            ids = ranked.topk(spec.topk, -1).indices
+            lp_s, lp_t = (_topk_bucket_logp(lp, ids, spec.tail) for lp in (lp_s, lp_t))
+        div = divergence(lp_s, lp_t, spec.alpha)
+        token_loss = div.clamp(max=spec.kl_clip) if spec.kl_clip > 0 else div
+    stats = torch.stack([lp_s_y, lp_t_y, adv, div.detach()], -1)
+    return token_loss, stats.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and per-token coefficients (reductions, masks, ignore_first_k, centring)
+# ----------------------------------------------------------------------------------------------
+def _spec_from_kwargs(mode, alpha, topk, topk_support, tail, temperature, signal_clip, kl_clip,
+                      vocab_size, has_targets) -> DivergenceSpec:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if topk_support not in ("student", "teacher"):
+        raise ValueError(f"topk_support must be 'student' or 'teacher', got {topk_support!r}")
+    if mode == "sampled" and not has_targets:
+        raise ValueError("mode='sampled' needs target_ids (the logged response tokens)")
+    if mode == "topk":
+        if topk is None or int(topk) < 1:
+            raise ValueError(f"mode='topk' needs topk >= 1, got {topk}")
+        if int(topk) > vocab_size:
+            raise ValueError(f"topk={topk} exceeds the vocabulary size {vocab_size}")
+    for name, value in (("signal_clip", signal_clip), ("kl_clip", kl_clip)):
+        if value is not None and not float(value) > 0.0:
+            raise ValueError(f"{name} must be > 0 or None, got {value}")
+    return DivergenceSpec(mode=MODES[mode], alpha=float(alpha), temperature=float(temperature),
+                          topk=int(topk or 0), topk_from_teacher=topk_support == "teacher",
+                          tail=bool(tail), signal_clip=float(signal_clip or 0.0),
+                          kl_clip=float(kl_clip or 0.0))
+
+
+def _check_tensor(name, t, ndim, device, dtype=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the student input is on {device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the student input has {dtype}")
+
+
+def _prepare_targets(target_ids, n, vocab_size, device, ignore_index):
+    """Validated int64 targets with ignored positions replaced by 0, and the ignore mask."""
+    if target_ids is None:
+        return None, None
+    _check_tensor("target_ids", target_ids, 1, device)
+    if target_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
+    if target_ids.shape[0] != n:
+        raise ValueError(f"target_ids has {target_ids.shape[0]} entries for {n} tokens")
+    target_ids = target_ids.long()
+    ignored = target_ids == ignore_index
+    live = target_ids[~ignored]
+    if live.numel() and (int(live.min()) < 0 or int(live.max()) >= vocab_size):
+        bad = live[(live < 0) | (live >= vocab_size)][0].item()
+        raise ValueError(f"target id {bad} is out of range for a vocabulary of {vocab_size}")
+    return torch.where(ignored, torch.zeros_like(target_ids), target_ids), ignored
+
+
+def _segments(seq_ids, n, device):
+    """Dense sequence index per token (0..S-1) and the number of sequences S."""
+    if seq_ids is None:
+        return torch.zeros(n, dtype=torch.long, device=device), 1
+    _check_tensor("seq_ids", seq_ids, 1, device)
+    if seq_ids.shape[0] != n:
+        raise ValueError(f"seq_ids has {seq_ids.shape[0]} entries for {n} tokens")
+    if seq_ids.is_floating_point():
+        raise TypeError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
+    uniq, dense = torch.unique(seq_ids, return_inverse=True)
+    return dense, uniq.numel()
+
+
+def _token_weights(n, device, weights, ignored, dense, num_seqs, ignore_first_k):
+    """Per-token weights (float32) after masks, ignored targets and ignore_first_k."""
+    if weights is None:
+        w = torch.ones(n, dtype=torch.float32, device=device)
+    else:
+        _check_tensor("weights", weights, 1, device)
+        if weights.shape[0] != n:
+            raise ValueError(f"weights has {weights.shape[0]} entries for {n} tokens")
+        w = weights.float()
+    if ignored is not None:
+        w = torch.where(ignored, torch.zeros_like(w), w)
+    if ignore_first_k:
+        # rank of each weighted token within its sequence, in index order
+        valid = (w != 0).long()
+        order = torch.argsort(dense, stable=True)
+        per_seq = torch.zeros(num_seqs, dtype=torch.long, device=device).scatter_add_(0, dense, valid)
+        start = per_seq.cumsum(0) - per_seq
+        rank_sorted = valid[order].cumsum(0) - 1 - start[dense[order]]
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+        w = torch.where(rank < ignore_first_k, torch.zeros_like(w), w)
+    return w
+
+
+def _reduction_coef(w, dense, num_seqs, reduction, num_items):
+    """Coefficient c_i such that the reduced loss is sum_i c_i * token_loss_i."""
+    if reduction == "seq_mean":
+        per_seq = torch.zeros(num_seqs, dtype=w.dtype, device=w.device).scatter_add_(0, dense, w)
+        live_seqs = (per_seq != 0).sum().clamp_min(1)
+        denom = per_seq[dense] * live_seqs
+        return torch.where(w != 0, w / torch.where(denom != 0, denom, torch.ones_like(denom)), w)
+    if reduction == "token_mean":
+        denom = torch.as_tensor(num_items, dtype=w.dtype, device=w.device) if num_items is not None \
+            else w.sum()
+        return w / torch.where(denom != 0, denom, torch.ones_like(denom))
+    return w  # "sum" and "none"
+
+
+def _centred_advantage(run, coef, dense, num_seqs, signal_clip):
+    """Per-sequence mean-centred (then clipped) A_t, from a statistics-only backend pass."""
+    _, stats, *_ = run(coef, None, False)
+    adv = stats[:, 2]
+    valid = (coef != 0).to(adv.dtype)
+    zeros = torch.zeros(num_seqs, dtype=adv.dtype, device=adv.device)
+    total = zeros.scatter_add(0, dense, torch.where(coef != 0, adv, torch.zeros_like(adv)))
+    count = zeros.scatter_add(0, dense, valid).clamp_min(1)
+    centred = adv - (total / count)[dense]
+    return centred.clamp(-signal_clip, signal_clip) if signal_clip > 0 else centred
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd: backends return the gradient of sum_i coef_i * token_loss_i with the forward
+# ----------------------------------------------------------------------------------------------
+class _HindsightFunction(torch.autograd.Function):
+    """Calls ``run(coef, advantage, compute_grad)``; differentiable inputs are ``diff_inputs``."""
+
+    @staticmethod
+    def forward(ctx, run, per_token, coef, advantage, *diff_inputs):
+        needs_grad = any(ctx.needs_input_grad[4:])
+        token_loss, stats, *grads = run(coef, advantage, needs_grad and not per_token)
+        weighted = torch.where(coef != 0, coef * token_loss, torch.zeros_like(token_loss))
+        out = weighted if per_token else weighted.sum()
+        ctx.run, ctx.per_token = run, per_token
+        ctx.save_for_backward(coef, advantage, *(g if g is not None else torch.empty(0) for g in grads))
+        ctx.has_grad = [g is not None for g in grads]
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_stats):
+        coef, advantage, *grads = ctx.saved_tensors
+        if ctx.per_token:
+            _, _, *grads = ctx.run(coef * grad_out.to(coef.dtype), advantage, True)
+            scaled = list(grads)
+        else:
+            scaled = [g * grad_out.to(g.dtype) if has else None for g, has in zip(grads, ctx.has_grad)]
+        result = [None, None, None, None]
+        for g, needed in zip(scaled, ctx.needs_input_grad[4:]):
+            result.append(g if needed else None)
+        return tuple(result)
+
+
+def _finish(out, stats, weights_used, return_stats, reduction, dtype):
+    out = out.to(dtype) if reduction != "none" else out
+    if not return_stats:
+        return out
+    info = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}
+    info["mask"] = weights_used != 0
+    return out, info
+
+
+def _check_finite(**tensors):
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and torch.isnan(t).any():
+            raise ValueError(f"{name} contains NaN")
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+_DOC_OPTIONS = """
+    Keyword arguments (shared by :func:`hindsight_loss` and :func:`fused_hindsight_loss`):
+        mode: ``"sampled"`` (paper default), ``"full"`` or ``"topk"`` (see :mod:`hsd.loss`).
+        alpha: divergence interpolation in [0, 1]: 0 forward KL(teacher||student), 1 reverse
+            KL(student||teacher), in between the generalised JSD. Unused in sampled mode.
+        topk, topk_support, tail: top-k support size, whose logits pick it ("student" or
+            "teacher"), and whether to add the tail bucket (else renormalise on the support).
+        temperature: divides both logits.
+        weights: [N] per-token weights / mask (0 drops a token).
+        seq_ids: [N] sequence index of each token (any integers; default: one sequence).
+        ignore_first_k: drop the first k weighted tokens of each sequence (paper: 2).
+        signal_clip: clamp A_t to +-c (sampled mode). center: subtract each sequence's mean A_t
+            over its valid tokens before clipping (sampled mode).
+        kl_clip: cap the per-token divergence (full / topk modes; capped tokens get no gradient).
+        reduction: ``"seq_mean"`` (token mean per sequence, then mean over sequences: the paper),
+            ``"token_mean"`` (sum / sum of weights, or / ``num_items`` across accumulation steps
+            and ranks), ``"sum"`` or ``"none"`` (per-token [N], zero where masked). A batch with
+            no valid token gives 0.
+        ignore_index: target id marking a token to skip (default -100, as HF labels).
+        return_stats: also return a dict of detached per-token ``student_logp``,
+            ``teacher_logp``, ``advantage`` (raw A_t), ``divergence`` and ``mask``.
+        check_inputs: raise on NaN inputs (one device sync); by default NaN gives a NaN loss.
+        backend: force a backend (else ``HSD_BACKEND`` or the fastest available).
+    The teacher side never receives a gradient, even when it shares the student's weight.
+"""
+
+
+def hindsight_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   target_ids: Optional[torch.Tensor] = None, *, mode: str = "sampled",
+                   alpha: float = 1.0, topk: Optional[int] = None, topk_support: str = "student",
+                   tail: bool = True, temperature: float = 1.0,
+                   weights: Optional[torch.Tensor] = None, seq_ids: Optional[torch.Tensor] = None,
+                   ignore_first_k: int = 0, signal_clip: Optional[float] = None,
+                   center: bool = False, kl_clip: Optional[float] = None,
+                   reduction: str = "seq_mean", num_items=None, return_stats: bool = False,
+                   ignore_index: int = -100, check_inputs: bool = False,
+                   backend: Optional[str] = None):
+    """Hindsight loss from student and teacher logits [N, V] (teacher under stop-gradient)."""
+    _check_tensor("student_logits", student_logits, 2, student_logits.device)
+    device, dtype = student_logits.device, student_logits.dtype
+    _check_tensor("teacher_logits", teacher_logits, 2, device, dtype)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    n, vocab = student_logits.shape
+    if check_inputs:
+        _check_finite(student_logits=student_logits, teacher_logits=teacher_logits)
+    spec, targets, coef, dense, num_seqs, w = _common(
+        n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail, temperature,
+        weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items, ignore_index)
+    impl = select_backend(device, backend)
+    teacher_logits = teacher_logits.detach()
+
+    def run(c, advantage, compute_grad):
+        return impl.logits(student_logits, teacher_logits, targets, c, advantage, spec, compute_grad)
+
+    advantage = _centred_advantage(run, coef, dense, num_seqs, spec.signal_clip) \
+        if center and spec.mode == SAMPLED else None
+    out, stats = _HindsightFunction.apply(run, reduction == "none", coef, advantage, student_logits)
+    return _finish(out, stats, w, return_stats, reduction, dtype)
+
+
+def _common(n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail, temperature,
+            weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items,
+            ignore_index):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items is not None and reduction != "token_mean":
+        raise ValueError("num_items is only meaningful with reduction='token_mean'")
+    if int(ignore_first_k) < 0:
+        raise ValueError(f"ignore_first_k must be >= 0, got {ignore_first_k}")
+    spec = _spec_from_kwargs(mode, alpha, topk, topk_support, tail, temperature, signal_clip,
+                             kl_clip, vocab, target_ids is not None)
+    targets, ignored = _prepare_targets(target_ids, n, vocab, device, ignore_index)
+    dense, num_seqs = _segments(seq_ids, n, device)
+    w = _token_weights(n, device, weights, ignored, dense, num_seqs, int(ignore_first_k))
+    coef = _reduction_coef(w, dense, num_seqs, reduction, num_items)
+    return spec, targets, coef, dense, num_seqs, w
+
+
+def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                         weight: torch.Tensor, target_ids: Optional[torch.Tensor] = None, *,
+                         bias: Optional[torch.Tensor] = None,
+                         teacher_weight: Optional[torch.Tensor] = None,
+                         teacher_bias: Optional[torch.Tensor] = None, mode: str = "sampled",
+                         alpha: float = 1.0, topk: Optional[int] = None,
+                         topk_support: str = "student", tail: bool = True,
+                         temperature: float = 1.0, weights: Optional[torch.Tensor] = None,
+                         seq_ids: Optional[torch.Tensor] = None, ignore_first_k: int = 0,
+                         signal_clip: Optional[float] = None, center: bool = False,
+                         kl_clip: Optional[float] = None, reduction: str = "seq_mean",
+                         num_items=None, return_stats: bool = False, ignore_index: int = -100,
+                         check_inputs: bool = False, backend: Optional[str] = None):
+    """Hindsight loss from hidden states [N, H] and the LM head ``weight`` [V, H] (+ ``bias``).
+
+    Logits are computed in chunks and never materialised for all N tokens at once (except by the
+    ``reference`` backend). ``teacher_weight`` / ``teacher_bias`` give the teacher its own head
+    (e.g. an EMA copy); by default it shares the student's. Gradients reach ``student_hidden``,
+    ``weight`` and ``bias`` through the student side only.
+    """
+    _check_tensor("student_hidden", student_hidden, 2, student_hidden.device)
+    device, dtype = student_hidden.device, student_hidden.dtype
+    _check_tensor("teacher_hidden", teacher_hidden, 2, device, dtype)
+    _check_tensor("weight", weight, 2, device, dtype)
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} differ in shape")
+    n, hidden = student_hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != hidden:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden}")
+    if teacher_weight is not None:
+        _check_tensor("teacher_weight", teacher_weight, 2, device, dtype)
+        if teacher_weight.shape != weight.shape:
+            raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} differs from weight "
+                             f"{tuple(weight.shape)} (vocabulary or hidden size mismatch)")
+    for name, b in (("bias", bias), ("teacher_bias", teacher_bias)):
+        if b is not None:
+            _check_tensor(name, b, 1, device, dtype)
+            if b.shape[0] != vocab:
+                raise ValueError(f"{name} has {b.shape[0]} entries for a vocabulary of {vocab}")
+    if check_inputs:
+        _check_finite(student_hidden=student_hidden, teacher_hidden=teacher_hidden, weight=weight,
+                      bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+    spec, targets, coef, dense, num_seqs, w = _common(
+        n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail, temperature,
+        weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items, ignore_index)
+    impl = select_backend(device, backend)
+    teacher_hidden = teacher_hidden.detach()
+    # the teacher shares the student's head unless given its own (weight, and bias with it)
+    t_weight = (weight if teacher_weight is None else teacher_weight).detach()
+    t_bias = teacher_bias if teacher_bias is not None else (bias if teacher_weight is None else None)
+    t_bias = t_bias.detach() if t_bias is not None else None
+
+    def run(c, advantage, compute_grad):
+        return impl.fused(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, targets,
+                          c, advantage, spec, compute_grad)
+
+    advantage = _centred_advantage(run, coef, dense, num_seqs, spec.signal_clip) \
+        if center and spec.mode == SAMPLED else None
+    diff_inputs = (student_hidden, weight) if bias is None else (student_hidden, weight, bias)
+    out, stats = _HindsightFunction.apply(run, reduction == "none", coef, advantage, *diff_inputs)
+    return _finish(out, stats, w, return_stats, reduction, dtype)
+
+
+hindsight_loss.__doc__ += _DOC_OPTIONS
+fused_hindsight_loss.__doc__ += _DOC_OPTIONS
+
+
+class HindsightLoss(nn.Module):
+    """The fused hindsight loss as a module holding its options; call it with the LM head.
+
+    Example::
+
+        loss_fn = hsd.HindsightLoss(mode="sampled", ignore_first_k=2)
+        loss = loss_fn(student_hidden, teacher_hidden, model.lm_head.weight, target_ids,
+                       seq_ids=seq_ids)
+    """
+
+    def __init__(self, mode: str = "sampled", **options):
+        super().__init__()
+        self.mode = mode
+        self.options = options
+        # fail at construction, not at the first step, on bad options
+        _spec_from_kwargs(mode, options.get("alpha", 1.0), options.get("topk"),
+                          options.get("topk_support", "student"), options.get("tail", True),
+                          options.get("temperature", 1.0), options.get("signal_clip"),
+                          options.get("kl_clip"), vocab_size=1 << 62, has_targets=True)
+        if options.get("reduction", "seq_mean") not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}")
+
+    def forward(self, student_hidden, teacher_hidden, weight, target_ids=None, *, bias=None,
+                teacher_weight=None, teacher_bias=None, **overrides):
+        options = {"mode": self.mode, **self.options, **overrides}
+        return fused_hindsight_loss(student_hidden, teacher_hidden, weight, target_ids, bias=bias,
+                                    teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                                    **options)
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"mode={self.mode!r}"] + [f"{k}={v!r}" for k, v in self.options.items()])
