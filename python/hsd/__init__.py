@@ -1,8 +1,31 @@
-"""hsd: hindsight self-distillation from logged conversations."""
+"""hsd: hindsight self-distillation from logged conversations.
+
+The public loss API lives in :mod:`hsd.loss`; kernels are reached through
+:func:`hsd.backends.select_backend`.
+"""
 
 import logging
 
-__version__ = "0.1.0"
-
 logger = logging.getLogger("hsd")
 logger.addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+from .backends import available_backends, select_backend  # noqa: E402
+from .loss import (  # noqa: E402
+    HindsightLoss,
+    divergence,
+    fused_hindsight_loss,
+    hindsight_loss,
+    reference_token_terms,
+)
+
+__all__ = [
+    "HindsightLoss",
+    "available_backends",
+    "divergence",
+    "fused_hindsight_loss",
+    "hindsight_loss",
+    "reference_token_terms",
+    "select_backend",
+]

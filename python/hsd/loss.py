@@ -19,6 +19,7 @@ every backend in :mod:`hsd.backends` is tested against it.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -37,7 +38,7 @@ STAT_NAMES = ("student_logp", "teacher_logp", "advantage", "divergence")
 # ----------------------------------------------------------------------------------------------
 def _plogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Elementwise p * (log p - log q) with 0 * log 0 = 0, safe for autograd at p = 0."""
-    present = logp > float("-inf")
+    present = logp != float("-inf")  # NaN stays NaN
     safe_logp = torch.where(present, logp, torch.zeros_like(logp))
     safe_logq = torch.where(present, logq, torch.zeros_like(logq))
     return torch.where(present, safe_logp.exp() * (safe_logp - safe_logq), torch.zeros_like(logp))
@@ -49,8 +50,11 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: fl
         return _plogratio(teacher_logp, student_logp).sum(-1)
     if alpha == 1.0:
         return _plogratio(student_logp, teacher_logp).sum(-1)
-    mix_logp = torch.logaddexp(student_logp + torch.log1p(torch.tensor(-alpha, dtype=student_logp.dtype)),
-                               teacher_logp + torch.log(torch.tensor(alpha, dtype=student_logp.dtype)))
+    # where both sides are -inf the mixture is unused; keep logaddexp's gradient finite there
+    both_absent = (student_logp == float("-inf")) & (teacher_logp == float("-inf"))
+    zero = torch.zeros_like(student_logp)
+    mix_logp = torch.logaddexp(torch.where(both_absent, zero, student_logp) + math.log1p(-alpha),
+                               torch.where(both_absent, zero, teacher_logp) + math.log(alpha))
     return ((1.0 - alpha) * _plogratio(student_logp, mix_logp).sum(-1)
             + alpha * _plogratio(teacher_logp, mix_logp).sum(-1))
 
@@ -61,7 +65,9 @@ def _topk_bucket_logp(logp: torch.Tensor, ids: torch.Tensor, tail: bool) -> torc
     if not tail:
         return support - torch.logsumexp(support, -1, keepdim=True)
     tail_p = (1.0 - support.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-    return torch.cat([support, tail_p.log()], -1)
+    has_tail = tail_p > 0  # an empty tail has log 0 = -inf and no gradient
+    tail_logp = torch.where(has_tail, torch.where(has_tail, tail_p, 1.0).log(), float("-inf"))
+    return torch.cat([support, tail_logp], -1)
 
 
 def reference_token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -170,15 +176,15 @@ def _segments(seq_ids, n, device):
     return dense, uniq.numel()
 
 
-def _token_weights(n, device, weights, ignored, dense, num_seqs, ignore_first_k):
-    """Per-token weights (float32) after masks, ignored targets and ignore_first_k."""
+def _token_weights(n, device, acc_dtype, weights, ignored, dense, num_seqs, ignore_first_k):
+    """Per-token weights (``acc_dtype``) after masks, ignored targets and ignore_first_k."""
     if weights is None:
-        w = torch.ones(n, dtype=torch.float32, device=device)
+        w = torch.ones(n, dtype=acc_dtype, device=device)
     else:
         _check_tensor("weights", weights, 1, device)
         if weights.shape[0] != n:
             raise ValueError(f"weights has {weights.shape[0]} entries for {n} tokens")
-        w = weights.float()
+        w = weights.to(acc_dtype)
     if ignored is not None:
         w = torch.where(ignored, torch.zeros_like(w), w)
     if ignore_first_k:
@@ -317,7 +323,7 @@ def hindsight_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if check_inputs:
         _check_finite(student_logits=student_logits, teacher_logits=teacher_logits)
     spec, targets, coef, dense, num_seqs, w = _common(
-        n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail, temperature,
+        n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support, tail, temperature,
         weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items, ignore_index)
     impl = select_backend(device, backend)
     teacher_logits = teacher_logits.detach()
@@ -331,7 +337,7 @@ def hindsight_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return _finish(out, stats, w, return_stats, reduction, dtype)
 
 
-def _common(n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail, temperature,
+def _common(n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support, tail, temperature,
             weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items,
             ignore_index):
     if reduction not in REDUCTIONS:
@@ -344,7 +350,8 @@ def _common(n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail,
                              kl_clip, vocab, target_ids is not None)
     targets, ignored = _prepare_targets(target_ids, n, vocab, device, ignore_index)
     dense, num_seqs = _segments(seq_ids, n, device)
-    w = _token_weights(n, device, weights, ignored, dense, num_seqs, int(ignore_first_k))
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    w = _token_weights(n, device, acc_dtype, weights, ignored, dense, num_seqs, int(ignore_first_k))
     coef = _reduction_coef(w, dense, num_seqs, reduction, num_items)
     return spec, targets, coef, dense, num_seqs, w
 
@@ -394,7 +401,7 @@ def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
         _check_finite(student_hidden=student_hidden, teacher_hidden=teacher_hidden, weight=weight,
                       bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
     spec, targets, coef, dense, num_seqs, w = _common(
-        n, vocab, device, target_ids, mode, alpha, topk, topk_support, tail, temperature,
+        n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support, tail, temperature,
         weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items, ignore_index)
     impl = select_backend(device, backend)
     teacher_hidden = teacher_hidden.detach()

@@ -25,7 +25,7 @@ def supports(device: torch.device) -> bool:
 
 
 def _plogratio(logp, logq):
-    present = logp > float("-inf")
+    present = logp != float("-inf")  # NaN stays NaN
     return torch.where(present, logp.exp() * (logp - logq), torch.zeros_like(logp))
 
 
@@ -117,6 +117,15 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
     return token_loss, stats, grad.to(student_logits.dtype) if grad is not None else None
 
 
+def same_head(weight, bias, teacher_weight, teacher_bias) -> bool:
+    """Whether the teacher's head is the student's (same storage): load / convert it once."""
+    def same(a, b):
+        return (a is None and b is None) or (a is not None and b is not None
+                                             and a.data_ptr() == b.data_ptr()
+                                             and a.shape == b.shape and a.stride() == b.stride())
+    return same(weight, teacher_weight) and same(bias, teacher_bias)
+
+
 def chunk_rows(n: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
     return max(1, min(n, budget // max(vocab, 1)))
 
@@ -131,17 +140,23 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) \
         if compute_grad and bias is not None else None
+    # logits in float32 (bf16 logits would cost ~1e-2 accuracy): half heads are upcast once,
+    # an O(V x H) copy this portable path accepts
+    up = (lambda x: None if x is None else x.to(acc))
+    w_s, b_s = up(weight), up(bias)
+    shared = same_head(weight, bias, teacher_weight, teacher_bias)
+    w_t, b_t = (w_s, b_s) if shared else (up(teacher_weight), up(teacher_bias))
     step = chunk_rows(n, vocab)
     for i in range(0, n, step):
         rows = slice(i, min(i + step, n))
-        s = F.linear(student_hidden[rows], weight, bias)
-        t = F.linear(teacher_hidden[rows], teacher_weight, teacher_bias)
+        s = F.linear(student_hidden[rows].to(acc), w_s, b_s)
+        t = F.linear(teacher_hidden[rows].to(acc), w_t, b_t)
         loss_i, stats_i, g = token_terms(s, t, None if target_ids is None else target_ids[rows],
                                          coef[rows], None if advantage is None else advantage[rows],
                                          spec, compute_grad)
         token_loss[rows], stats[rows] = loss_i, stats_i
         if g is not None:
-            grad_h[rows] = g.to(weight.dtype) @ weight
+            grad_h[rows] = (g @ w_s).to(grad_h.dtype)
             grad_w.addmm_(g.t(), student_hidden[rows].to(acc))
             if grad_b is not None:
                 grad_b += g.sum(0)
