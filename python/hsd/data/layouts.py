@@ -284,11 +284,13 @@ def _build_teacher(
 
 
 def _cut_history(x: list[dict], keep: int | None) -> list[dict]:
-    """Last ``keep`` messages (system kept on top), starting with a user message."""
+    """Last ``keep`` messages (system kept on top), starting with a user message (the paper);
+    ``keep=None`` returns x as logged."""
+    if keep is None:
+        return list(x)
     system = x[:1] if x and x[0]["role"] == SYSTEM else []
     body = x[len(system) :]
-    if keep is not None:
-        body = body[max(0, len(body) - keep) :]
+    body = body[max(0, len(body) - keep) :]
     while body and body[0]["role"] == ASSISTANT:
         body = body[1:]
     return system + body
