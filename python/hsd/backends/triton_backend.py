@@ -1,0 +1,114 @@
+"""The ``"triton"`` backend: the kernel contract on Triton kernels (``hsd.kernels``).
+
+CUDA tensors run compiled kernels; CPU tensors run under Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before the first kernel import (tests and debugging only).
+The kernels are imported lazily, on first use, so ``import hsd`` never pays for Triton.
+Float64 inputs (a checking dtype) go to the portable torch backend. See ``kernels/`` for the
+design: cuBLAS GEMMs for logits and gradients, one Triton program per token row for the
+softmax statistics, divergence and grad_logits, everything inside two ``torch.library``
+custom ops so the backend runs under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import torch_chunked
+
+name = "triton"
+_state: dict = {}
+
+
+def _triton_importable() -> bool:
+    if "triton" not in _state:
+        try:
+            import triton  # noqa: F401
+            _state["triton"] = True
+        except ImportError:
+            _state["triton"] = False
+    return _state["triton"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_available() -> bool:
+    """Triton imports and there is something to run on: a CUDA GPU, or the interpreter."""
+    return _triton_importable() and (torch.cuda.is_available() or _interpreting())
+
+
+def supports(device: torch.device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def kernels():
+    """The ``hsd.kernels`` package: installed in the wheel, or ``kernels/`` of a source checkout."""
+    mod = _state.get("kernels")
+    if mod is not None:
+        return mod
+    try:
+        mod = importlib.import_module("hsd.kernels")
+    except ModuleNotFoundError as err:
+        if err.name != "hsd.kernels":
+            raise
+        root = Path(__file__).resolve().parents[3] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "hsd.kernels", root / "__init__.py", submodule_search_locations=[str(root)])
+        if spec is None or not (root / "__init__.py").exists():
+            raise ImportError(f"hsd.kernels is not installed and {root} does not exist") from err
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["hsd.kernels"] = mod  # before exec: the package's relative imports need it
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules["hsd.kernels"]
+            raise
+    _state["kernels"] = mod
+    return mod
+
+
+def _spec_args(spec):
+    return (spec.mode, float(spec.alpha), float(spec.temperature), int(spec.topk),
+            bool(spec.topk_from_teacher), bool(spec.tail), float(spec.signal_clip),
+            float(spec.kl_clip))
+
+
+def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
+    """Contract ``logits``: (token_loss [N] f32, stats [N, 4] f32, grad_student_logits or None)."""
+    if student_logits.dtype == torch.float64:
+        return torch_chunked.logits(student_logits, teacher_logits, target_ids, coef, advantage,
+                                    spec, compute_grad)
+    _load_ops()
+    loss, stats, grad = torch.ops.hsd.triton_logits(
+        student_logits, teacher_logits.to(student_logits.dtype), target_ids, coef, advantage,
+        *_spec_args(spec), bool(compute_grad))
+    return loss, stats, grad if compute_grad else None
+
+
+def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+          coef, advantage, spec, compute_grad):
+    """Contract ``fused``: (token_loss, stats, grad_hidden, grad_weight fp32, grad_bias fp32)."""
+    if student_hidden.dtype == torch.float64:
+        return torch_chunked.fused(student_hidden, teacher_hidden, weight, bias, teacher_weight,
+                                   teacher_bias, target_ids, coef, advantage, spec, compute_grad)
+    _load_ops()
+    loss, stats, gh, gw, gb = torch.ops.hsd.triton_fused_linear(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+        coef, advantage, *_spec_args(spec), bool(compute_grad))
+    if not compute_grad:
+        return loss, stats, None, None, None
+    return loss, stats, gh, gw, gb if bias is not None else None
+
+
+def _load_ops() -> None:
+    """Import the kernels once; importing registers the ``hsd::triton_*`` ops."""
+    if "kernels" not in _state:
+        kernels()
