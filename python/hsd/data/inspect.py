@@ -1,0 +1,79 @@
+"""Looking at a dataset: text histograms and examples rendered with the shared prefix marked."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+from .layouts import ConversationExample, LayoutConfig, TupleExample, tokenize_conversation, tokenize_tuple
+from .report import DataReport
+from .templates import HindsightTemplate
+from .tuples import InteractionTuple, group_by_conversation
+
+__all__ = ["iter_examples", "text_histogram", "render_example", "SHARED_PREFIX_MARK"]
+
+#: Printed where the teacher's own tokens start.
+SHARED_PREFIX_MARK = "⟦end of shared prefix⟧"
+
+
+def iter_examples(
+    tuples: Iterable[InteractionTuple],
+    tokenizer,
+    template: HindsightTemplate | str = "offline",
+    config: LayoutConfig | None = None,
+    layout: str = "tuple",
+    report: DataReport | None = None,
+) -> Iterator[TupleExample | ConversationExample]:
+    """Stream examples of one layout (``"tuple"`` or ``"packed"``); dropped tuples are counted."""
+    if layout == "tuple":
+        for t in tuples:
+            example = tokenize_tuple(t, tokenizer, template, config, report)
+            if example is not None:
+                yield example
+    elif layout == "packed":
+        for group in group_by_conversation(tuples):
+            yield from tokenize_conversation(group, tokenizer, template, config, report)
+    else:
+        raise ValueError(f"layout must be 'tuple' or 'packed', got {layout!r}")
+
+
+def text_histogram(values: Sequence[int], bins: int = 8, width: int = 40, title: str = "") -> str:
+    """A fixed-width text histogram of integer values (e.g. token lengths)."""
+    if not values:
+        return f"{title}: no values"
+    low, high = min(values), max(values)
+    step = max(1, -(-(high - low + 1) // bins))
+    counts = [0] * (-(-(high - low + 1) // step))
+    for v in values:
+        counts[(v - low) // step] += 1
+    peak = max(counts)
+    lines = [f"{title}: n={len(values)} min={low} mean={sum(values) / len(values):.1f} max={high}"]
+    for i, n in enumerate(counts):
+        start = low + i * step
+        lines.append(f"  [{start:>6}, {start + step:>6})  {'#' * max(1 if n else 0, n * width // peak):<{width}} {n}")
+    return "\n".join(lines)
+
+
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def render_example(example: TupleExample | ConversationExample, tokenizer) -> str:
+    """Decoded student and teacher views with :data:`SHARED_PREFIX_MARK` where they part."""
+    if isinstance(example, TupleExample):
+        head = f"conversation {example.conversation_id!r} turn {example.turn_index}: prefix_len={example.prefix_len}"
+        shared = _decode(tokenizer, example.student_ids[: example.prefix_len])
+        return "\n".join([
+            head,
+            "--- shared prefix ---", shared + SHARED_PREFIX_MARK,
+            "--- student continues ---", _decode(tokenizer, example.student_ids[example.prefix_len :]),
+            "--- teacher continues ---", _decode(tokenizer, example.teacher_suffix_ids),
+        ])
+    lines = [f"conversation {example.conversation_id!r} window {example.window_index}: "
+             f"{len(example.input_ids)} tokens, {len(example.tuples)} scored responses"]
+    for t in example.tuples:
+        lines += [
+            f"--- turn {t.turn_index}: prefix_offset={t.prefix_offset}, response tokens [{t.response_start}, {t.response_end}) ---",
+            "..." + _decode(tokenizer, example.input_ids[max(0, t.prefix_offset - 12) : t.prefix_offset]) + SHARED_PREFIX_MARK,
+            "teacher suffix: " + _decode(tokenizer, t.teacher_suffix_ids),
+        ]
+    return "\n".join(lines)

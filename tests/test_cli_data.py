@@ -1,0 +1,110 @@
+"""The ``hsd data`` command: inspect and convert, on local files and a saved tiny tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsd.cli import build_parser, main
+from hsd.data import read_conversations
+from hsd.data.inspect import SHARED_PREFIX_MARK, text_histogram
+from hsd.data.testing import synthetic_wildchat_rows, tiny_chat_tokenizer
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_chat_tokenizer("chatml").save_pretrained(str(root / "tokenizer"))
+    rows = synthetic_wildchat_rows(15, seed=4, min_turns=2, max_turns=3)
+    (root / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_inspect_without_tokenizer_shows_counts_and_tuples(workdir, capsys):
+    assert main(["data", "inspect", str(workdir / "chats.jsonl"), "--filters", "paper", "--examples", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "records read        15" in out and "dropped conversations: language" in out
+    assert "response characters: n=" in out and "--- o ---" in out
+
+
+@pytest.mark.parametrize("layout", ["tuple", "packed"])
+def test_inspect_with_tokenizer_marks_the_shared_prefix(workdir, capsys, layout):
+    args = ["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", str(workdir / "tokenizer"),
+            "--layout", layout, "--history-messages", "none", "--examples", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(SHARED_PREFIX_MARK) >= 2
+    assert ("student tokens: n=" if layout == "tuple" else "sequence tokens: n=") in out
+    assert "[HINDSIGHT CONTEXT]" in out
+
+
+def test_inspect_json_counts(workdir, capsys):
+    args = ["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", str(workdir / "tokenizer"), "--json",
+            "--max-response-tokens", "12"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    report = result["report"]
+    assert report["records_read"] == 15
+    assert report["examples_built"] + report["dropped_tuples"]["response_over_budget"] == report["tuples_kept"]
+    assert max(result["lengths"]["response tokens"]) <= 12
+
+
+def test_convert_tuples_then_examples(workdir, capsys):
+    tuples_path = workdir / "out" / "tuples.jsonl"
+    assert main(["data", "convert", str(workdir / "chats.jsonl"), str(tuples_path), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in tuples_path.read_text().splitlines()]
+    assert rows and set(rows[0]) >= {"prompt", "completion", "user_response"}
+    assert len(list(read_conversations(tuples_path))) == len(rows)
+
+    examples_path = workdir / "out" / "packed.jsonl"
+    args = ["data", "convert", str(tuples_path), str(examples_path), "--tokenizer", str(workdir / "tokenizer"),
+            "--layout", "packed", "--no-progress"]
+    assert main(args) == 0
+    examples = [json.loads(line) for line in examples_path.read_text().splitlines()]
+    assert len(examples) == len(rows)  # one tuple per row in the tuple format
+    for ex in examples:
+        (t,) = ex["tuples"]
+        teacher = ex["input_ids"][: t["prefix_offset"]] + t["teacher_suffix_ids"]
+        assert [teacher[p + 1] for p in t["teacher_scored_positions"]] == t["target_ids"]
+        assert [ex["input_ids"][p + 1] for p in t["student_scored_positions"]] == t["target_ids"]
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_bad_data_exits_with_a_message_naming_the_record(workdir, capsys):
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
+    assert main(["data", "inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl line 2" in err and "unknown role 'robot'" in err
+    assert main(["data", "inspect", str(bad), "--on-error", "skip", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"]["skipped_records"] == {"invalid_record": 1}
+
+
+def test_convert_rejects_other_output_types(workdir):
+    with pytest.raises(SystemExit, match="must be a .jsonl"):
+        main(["data", "convert", str(workdir / "chats.jsonl"), str(workdir / "out.csv")])
+
+
+def test_parser_is_open_for_more_command_families():
+    parser = build_parser()
+    args = parser.parse_args(["data", "inspect", "x.jsonl", "--layout", "packed", "--history-messages", "3"])
+    assert (args.layout, args.history_messages, args.handler.__name__) == ("packed", 3, "_data_inspect")
+    with pytest.raises(SystemExit):
+        parser.parse_args([])
+
+
+def test_histogram_counts_every_value():
+    text = text_histogram([1, 2, 2, 3, 10], bins=3, title="lengths")
+    assert text.startswith("lengths: n=5 min=1")
+    assert sum(int(line.split()[-1]) for line in text.splitlines()[1:]) == 5
+
+
+def test_python_dash_m_hsd(workdir):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "hsd", "data", "inspect", str(workdir / "chats.jsonl"), "--json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["records_read"] == 15
