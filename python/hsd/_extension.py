@@ -1,0 +1,155 @@
+"""Loading the compiled operator library ``hsd._C`` (the ``torch.ops.hsd`` operators).
+
+The extension is optional: when it is missing (a pure-Python install) or was built against
+another torch release, :func:`load` logs one warning on the ``"hsd"`` logger and returns False,
+and :mod:`hsd.backends` falls back to the portable backends. On success it also registers the
+Python halves of the operators (fake kernels for ``torch.compile`` and the autograd formulas).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("hsd")
+
+_loaded: Optional[bool] = None
+_reason = ""
+
+
+def _release(version: str) -> str:
+    """'2.13.0+cpu' -> '2.13.0': local build tags do not change the C++ ABI."""
+    return version.split("+")[0]
+
+
+def build_info():
+    """The ``hsd._build_info`` module written by CMake, or None for a pure-Python install."""
+    try:
+        return importlib.import_module("hsd._build_info")
+    except ImportError:
+        return None
+
+
+def _try_load() -> str:
+    """Imports ``hsd._C``; returns '' on success, else why not."""
+    info = build_info()
+    if info is None:
+        return "hsd was installed without its compiled extension (hsd._C)"
+    if _release(info.TORCH_VERSION) != _release(torch.__version__):
+        return (f"hsd._C was built against torch {info.TORCH_VERSION} but torch "
+                f"{torch.__version__} is running; rebuild hsd (pip install --no-build-isolation .)")
+    try:
+        importlib.import_module("hsd._C")
+    except (ImportError, OSError) as err:
+        return f"hsd._C failed to load: {err}"
+    _register_python_parts()
+    return ""
+
+
+def load() -> bool:
+    """True when ``torch.ops.hsd`` is usable; warns once (logger ``hsd``) when it is not."""
+    global _loaded, _reason
+    if _loaded is None:
+        _reason = _try_load()
+        _loaded = not _reason
+        if _reason:
+            logger.warning("%s; using the portable PyTorch backends instead.", _reason)
+    return _loaded
+
+
+def unavailable_reason() -> str:
+    """Why the extension is not loaded ('' when it is)."""
+    load()
+    return _reason
+
+
+def cuda_kernels_linked() -> bool:
+    """True when the loaded extension carries the CUDA kernels (built against a CUDA torch)."""
+    info = build_info()
+    return bool(load() and info is not None and info.CUDA_KERNELS_LINKED)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake kernels and autograd for the C++ operators
+# ----------------------------------------------------------------------------------------------
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _fake_fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                target_ids, coef, advantage, mode, alpha, temperature, topk, topk_from_teacher,
+                tail, signal_clip, kl_clip, compute_grad):
+    acc = _acc_dtype(student_hidden)
+    n, hidden = student_hidden.shape
+    vocab = weight.shape[0]
+    loss = student_hidden.new_empty(n, dtype=acc)
+    stats = student_hidden.new_empty(n, 4, dtype=acc)
+    if compute_grad:
+        grad_h = student_hidden.new_empty(n, hidden)
+        grad_w = student_hidden.new_empty(vocab, hidden, dtype=acc)
+        grad_b = student_hidden.new_empty(vocab if bias is not None else 0, dtype=acc)
+    else:
+        grad_h = student_hidden.new_empty(0)
+        grad_w = student_hidden.new_empty(0, dtype=acc)
+        grad_b = student_hidden.new_empty(0, dtype=acc)
+    return loss, stats, grad_h, grad_w, grad_b
+
+
+def _fake_logits(student_logits, teacher_logits, target_ids, coef, advantage, mode, alpha,
+                 temperature, topk, topk_from_teacher, tail, signal_clip, kl_clip, compute_grad):
+    acc = _acc_dtype(student_logits)
+    n = student_logits.shape[0]
+    grad = student_logits.new_empty(student_logits.shape if compute_grad else (0,))
+    return (student_logits.new_empty(n, dtype=acc), student_logits.new_empty(n, 4, dtype=acc),
+            grad)
+
+
+# Positions of the non-tensor arguments (mode ... kl_clip) in each schema.
+_FUSED_SCALARS = slice(9, 17)
+_LOGITS_SCALARS = slice(5, 13)
+
+
+def _setup_fused(ctx, inputs, output):
+    ctx.scalars = inputs[_FUSED_SCALARS]
+    ctx.has_bias = inputs[3] is not None
+    ctx.save_for_backward(*inputs[:3], inputs[3], inputs[4], inputs[5], inputs[6], inputs[8])
+
+
+def _backward_fused(ctx, grad_loss, _grad_stats, _gh, _gw, _gb):
+    """d(sum_i g_i * token_loss_i): rerun the operator with coef = g (the teacher side and the
+    advantage are constants; the returned gradient tensors are not differentiable)."""
+    h, th, w, b, tw, tb, target, advantage = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 18
+    _, _, gh, gw, gb = torch.ops.hsd.fused_hindsight(
+        h, th, w, b, tw, tb, target, grad_loss, advantage, *ctx.scalars, True)
+    gw = gw.to(w.dtype)
+    gb = gb.to(b.dtype) if ctx.has_bias else None
+    return (gh, None, gw, gb) + (None,) * 14
+
+
+def _setup_logits(ctx, inputs, output):
+    ctx.scalars = inputs[_LOGITS_SCALARS]
+    ctx.save_for_backward(inputs[0], inputs[1], inputs[2], inputs[4])
+
+
+def _backward_logits(ctx, grad_loss, _grad_stats, _grad_logits):
+    """d(sum_i g_i * token_loss_i) / d student_logits, by rerunning with coef = g."""
+    s, t, target, advantage = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 14
+    _, _, grad = torch.ops.hsd.hindsight_from_logits(s, t, target, grad_loss, advantage,
+                                                     *ctx.scalars, True)
+    return (grad,) + (None,) * 13
+
+
+def _register_python_parts() -> None:
+    torch.library.register_fake("hsd::fused_hindsight", _fake_fused)
+    torch.library.register_fake("hsd::hindsight_from_logits", _fake_logits)
+    torch.library.register_autograd("hsd::fused_hindsight", _backward_fused,
+                                    setup_context=_setup_fused)
+    torch.library.register_autograd("hsd::hindsight_from_logits", _backward_logits,
+                                    setup_context=_setup_logits)

@@ -1,0 +1,46 @@
+"""The ``"cpu"`` backend: the kernel contract in C++ (``torch.ops.hsd``, built as ``hsd._C``).
+
+The fused form never materialises [N, V] logits: it walks the tokens in chunks of a few hundred
+rows, with BLAS for the four LM-head products and vectorised row kernels in between, and
+computes the gradients during the forward pass. Float32 compute (float64 for float64 inputs);
+bfloat16 / float16 inputs are upcast chunk by chunk (the LM head once per call).
+"""
+
+import torch
+
+from .. import _extension
+
+name = "cpu"
+
+
+def is_available() -> bool:
+    """True when the compiled extension loaded and matches the running torch."""
+    return _extension.load()
+
+
+def supports(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
+def _spec_args(spec, compute_grad):
+    return (spec.mode, spec.alpha, spec.temperature, spec.topk, spec.topk_from_teacher,
+            spec.tail, spec.signal_clip, spec.kl_clip, bool(compute_grad))
+
+
+def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+          coef, advantage, spec, compute_grad):
+    """The contract's ``fused`` (see :mod:`hsd.backends`)."""
+    loss, stats, grad_h, grad_w, grad_b = torch.ops.hsd.fused_hindsight(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+        coef, advantage, *_spec_args(spec, compute_grad))
+    if not compute_grad:
+        return loss, stats, None, None, None
+    return loss, stats, grad_h, grad_w, grad_b if bias is not None else None
+
+
+def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
+    """The contract's ``logits`` (see :mod:`hsd.backends`)."""
+    loss, stats, grad = torch.ops.hsd.hindsight_from_logits(
+        student_logits, teacher_logits, target_ids, coef, advantage,
+        *_spec_args(spec, compute_grad))
+    return loss, stats, grad if compute_grad else None
