@@ -83,6 +83,19 @@ def test_bad_data_exits_with_a_message_naming_the_record(workdir, capsys):
     assert json.loads(capsys.readouterr().out)["report"]["skipped_records"] == {"invalid_record": 1}
 
 
+def test_bad_option_values_exit_with_a_message(workdir, capsys):
+    assert main(["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", str(workdir / "tokenizer"),
+                 "--template", "no placeholder"]) == 2
+    assert "must contain the field {followup}" in capsys.readouterr().err
+
+
+def test_format_choices_match_the_library():
+    from hsd.cli import SOURCE_FORMATS
+    from hsd.data import FORMATS
+
+    assert SOURCE_FORMATS == FORMATS
+
+
 def test_convert_rejects_other_output_types(workdir):
     with pytest.raises(SystemExit, match="must be a .jsonl"):
         main(["data", "convert", str(workdir / "chats.jsonl"), str(workdir / "out.csv")])

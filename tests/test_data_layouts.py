@@ -189,7 +189,7 @@ def test_history_is_cut_by_whole_messages_identically_for_student_and_teacher(to
     t = tuple_with([{"role": "system", "content": "Be brief."}] + x, "Sure thing.", "Shorter please.")
     ex = tokenize_tuple(t, tok, "offline", LayoutConfig(history_messages=5))
     student_text = decode(tok, ex.student_ids)
-    assert ex.history_messages == 1 + 5  # system + last 5 (starting with a user turn)
+    assert ex.kept_history_messages == 1 + 5  # system + last 5 (starting with a user turn)
     assert "Be brief." in student_text and "Question 4" in student_text and "Answer 3" not in student_text
     # Both sides see the same history: the teacher's text before the block equals the student's.
     assert decode(tok, ex.teacher_ids[: ex.prefix_len]) == decode(tok, ex.student_ids[: ex.prefix_len])
@@ -198,12 +198,12 @@ def test_history_is_cut_by_whole_messages_identically_for_student_and_teacher(to
     report = DataReport()
     cut = tokenize_tuple(t, tok, "offline", budget, report)
     assert cut.student_prompt_len <= full.student_prompt_len - 1
-    assert cut.history_messages < full.history_messages and report.adjusted["history_cut_for_budget"] >= 1
+    assert cut.kept_history_messages < full.kept_history_messages and report.adjusted["history_cut_for_budget"] >= 1
     assert decode(tok, cut.teacher_ids).count("Question") == decode(tok, cut.student_ids).count("Question")
     # A long follow-up never shortens the teacher's history relative to the student's (METHOD.md §2).
     long_o = tuple_with(t.x, t.y, "more " * 200)
     cut_long = tokenize_tuple(long_o, tok, "offline", budget)
-    assert cut_long.history_messages == cut.history_messages
+    assert cut_long.kept_history_messages == cut.kept_history_messages
 
 
 def test_budgets_drop_and_count(tokenizers):

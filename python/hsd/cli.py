@@ -17,6 +17,9 @@ from pathlib import Path
 
 logger = logging.getLogger("hsd")
 
+# hsd.data.FORMATS, spelled out so that building the parser imports nothing heavy.
+SOURCE_FORMATS = ("wildchat", "wildfeedback", "lmsys", "sharegpt", "messages", "tuples")
+
 
 # ---- hsd data -----------------------------------------------------------------------------
 
@@ -29,8 +32,7 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source")
     src.add_argument("source", help="hub dataset name, local .jsonl/.json/.parquet file or directory, or a "
                                     "datasets builder ('json', 'parquet') with --data-files")
-    src.add_argument("--format", help="wildchat, wildfeedback, lmsys, sharegpt, messages, tuples "
-                                                    "(default: detected from the first row)")
+    src.add_argument("--format", choices=SOURCE_FORMATS, help="source schema (default: detected from the first row)")
     src.add_argument("--split", default="train")
     src.add_argument("--config-name", default=None, help="dataset configuration name on the hub")
     src.add_argument("--data-files", nargs="+", default=None)
@@ -180,14 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``hsd`` command; returns the exit code (2 for bad input data)."""
+    """Run the ``hsd`` command; returns the exit code (2 for bad input data or option values)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
-    from hsd.data import DataError
-
     try:
         return args.handler(args)
-    except DataError as e:
+    except ValueError as e:  # hsd.data.DataError (bad records, templates) and bad option values
+        if args.verbose:
+            raise
         print(f"hsd: error: {e}", file=sys.stderr)
         return 2
 

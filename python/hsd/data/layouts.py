@@ -100,7 +100,7 @@ class TupleExample:
     student_prompt_len: int
     teacher_prompt_len: int
     response_mask: list[int]
-    history_messages: int  # messages of x kept after truncation (system included)
+    kept_history_messages: int  # messages of x kept after truncation (system included)
 
     @property
     def response_ids(self) -> list[int]:
@@ -356,7 +356,7 @@ def tokenize_tuple(
         student_prompt_len=len(prompt.ids),
         teacher_prompt_len=teacher_prompt_len,
         response_mask=_response_mask(len(response_ids), cfg.ignore_first_k),
-        history_messages=len(history),
+        kept_history_messages=len(history),
     )
 
 
@@ -465,13 +465,20 @@ def tokenize_conversation(
             (char_start, char_end), (tok_start, tok_end) = spans[k], encoded.reply_token_spans[k]
             if input_ids[tok_end] != r.end_of_turn_id:
                 raise ChatTemplateError(f"{_record(t)}: the reply is not followed by the end-of-turn token")
+            student_prompt = r.encode_with_cuts(text[:char_start], spans[:k]).ids
+            if student_prompt != input_ids[:tok_start]:
+                at = common_prefix_len(student_prompt, input_ids[:tok_start])
+                raise ChatTemplateError(
+                    f"{_record(t)}: the conversation's ids before this reply differ from the reply's own prompt "
+                    f"ids at token {at}; the packed layout would give it a different context than the per-tuple one"
+                )
             response_ids = input_ids[tok_start : tok_end + 1]
             if cfg.max_response_tokens is not None and len(response_ids) > cfg.max_response_tokens:
                 report.dropped_tuples["response_over_budget"] += 1
                 continue
             teacher_ids, teacher_prompt_len, prefix = _build_teacher(
                 r, template, window[:j], followups[t.message_index], text[char_start:char_end], text,
-                input_ids, tok_start, [s for s in spans[:k]], response_ids, _record(t),
+                input_ids, tok_start, spans[:k], response_ids, _record(t),
             )
             packed.append(
                 PackedTuple(
