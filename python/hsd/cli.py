@@ -56,8 +56,7 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
 
 def _pipeline(args, report):
     """(tuples iterator, examples iterator or None, tokenizer or None) for the parsed arguments."""
-    from hsd.data import FilterConfig, LayoutConfig, extract_tuples, read_conversations
-    from hsd.data.inspect import iter_examples
+    from hsd.data import FilterConfig, LayoutConfig, extract_tuples, iter_examples, read_conversations
 
     conversations = read_conversations(
         args.source, args.format, args.split, streaming=True, config_name=args.config_name,

@@ -9,19 +9,13 @@ The pipeline, in the order data flows::
 """
 
 from .collate import HindsightCollator
-from .layouts import (
-    ConversationExample,
-    LayoutConfig,
-    PackedTuple,
-    TupleExample,
-    tokenize_conversation,
-    tokenize_tuple,
-)
+from .layouts import ConversationExample, LayoutConfig, PackedTuple, TupleExample
 from .readers import read_conversations, read_rows
 from .records import FORMATS, Conversation, DataError, RecordError, detect_format
 from .render import ChatRenderer, ChatTemplateError
 from .report import DataReport
 from .templates import HINDSIGHT_PRESETS, HindsightTemplate, append_to_last_user, append_to_system
+from .tokenization import iter_examples, tokenize_conversation, tokenize_tuple
 from .tuples import FilterConfig, InteractionTuple, conversation_tuples, extract_tuples, group_by_conversation
 
 __all__ = [
@@ -47,6 +41,7 @@ __all__ = [
     "detect_format",
     "extract_tuples",
     "group_by_conversation",
+    "iter_examples",
     "read_conversations",
     "read_rows",
     "tokenize_conversation",

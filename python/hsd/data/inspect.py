@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
-from .layouts import ConversationExample, LayoutConfig, TupleExample, tokenize_conversation, tokenize_tuple
-from .report import DataReport
-from .templates import HindsightTemplate
-from .tuples import InteractionTuple, group_by_conversation
+from .layouts import ConversationExample, TupleExample
 
-__all__ = ["iter_examples", "text_histogram", "render_example", "SHARED_PREFIX_MARK"]
+__all__ = ["text_histogram", "render_example", "SHARED_PREFIX_MARK"]
 
 #: Printed where the teacher's own tokens start.
 SHARED_PREFIX_MARK = "⟦end of shared prefix⟧"
-
-
-def iter_examples(
-    tuples: Iterable[InteractionTuple],
-    tokenizer,
-    template: HindsightTemplate | str = "offline",
-    config: LayoutConfig | None = None,
-    layout: str = "tuple",
-    report: DataReport | None = None,
-) -> Iterator[TupleExample | ConversationExample]:
-    """Stream examples of one layout (``"tuple"`` or ``"packed"``); dropped tuples are counted."""
-    if layout == "tuple":
-        for t in tuples:
-            example = tokenize_tuple(t, tokenizer, template, config, report)
-            if example is not None:
-                yield example
-    elif layout == "packed":
-        for group in group_by_conversation(tuples):
-            yield from tokenize_conversation(group, tokenizer, template, config, report)
-    else:
-        raise ValueError(f"layout must be 'tuple' or 'packed', got {layout!r}")
 
 
 def text_histogram(values: Sequence[int], bins: int = 8, width: int = 40, title: str = "") -> str:
