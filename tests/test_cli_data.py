@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -116,7 +115,8 @@ def test_histogram_counts_every_value():
 
 
 def test_python_dash_m_hsd(workdir):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "python"), "HF_HUB_OFFLINE": "1"}
+    # The child imports hsd from exactly where this test process does (source tree or install).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "hsd", "data", "inspect", str(workdir / "chats.jsonl"), "--json"],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
