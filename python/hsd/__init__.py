@@ -12,6 +12,21 @@ logger.addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 from .backends import available_backends, select_backend  # noqa: E402
+from .data import (  # noqa: E402
+    Conversation,
+    ConversationExample,
+    DataReport,
+    FilterConfig,
+    HindsightCollator,
+    HindsightTemplate,
+    InteractionTuple,
+    LayoutConfig,
+    TupleExample,
+    extract_tuples,
+    read_conversations,
+    tokenize_conversation,
+    tokenize_tuple,
+)
 from .loss import (  # noqa: E402
     HindsightLoss,
     divergence,
@@ -21,6 +36,19 @@ from .loss import (  # noqa: E402
 )
 
 __all__ = [
+    "Conversation",
+    "ConversationExample",
+    "DataReport",
+    "FilterConfig",
+    "HindsightCollator",
+    "HindsightTemplate",
+    "InteractionTuple",
+    "LayoutConfig",
+    "TupleExample",
+    "extract_tuples",
+    "read_conversations",
+    "tokenize_conversation",
+    "tokenize_tuple",
     "HindsightLoss",
     "available_backends",
     "divergence",
