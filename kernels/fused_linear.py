@@ -2,25 +2,31 @@
 
 Per chunk of ``rows`` tokens (a memory budget, :data:`CHUNK_ELEMENTS` logits per side):
 
-1. logits GEMM on the tensor cores (cuBLAS, bf16/fp16 in, fp32 accumulate). When the teacher
-   shares the student's head the student and teacher hidden rows are stacked into one
-   [2 * rows, H] operand, so each weight tile is loaded once for both sides;
-2. :func:`hsd_rows_kernel` over the chunk (online softmax statistics of both sides, the
-   divergence, and grad_logits written *in place* over the student logits; top-k support
-   ids from ``torch.topk`` on the chunk, on-support gradients scattered afterwards);
-3. grad_hidden = grad_logits @ W and grad_W += grad_logits^T @ h (cuBLAS; fp32 accumulation of
-   grad_W straight from bf16 operands via ``out_dtype`` on CUDA), grad_b += column sums.
+1. logits GEMM on the tensor cores (cuBLAS: bf16/fp16 operands, fp32 accumulation, written as
+   float32 through ``out_dtype``). When the teacher shares the student's head the student and
+   teacher hidden rows are stacked into one [2 * rows, H] operand, so each weight tile is
+   loaded once for both sides. The bias is not applied by the GEMM: the Triton kernel adds it
+   as it loads each logits tile (no extra pass over the logits);
+2. :func:`hsd_rows_kernel`, one program per token row: online softmax statistics of both
+   sides, the divergence, and grad_logits written in the input dtype (in place over the
+   student logits when those have that dtype). Top-k support ids come from ``torch.topk`` on
+   the chunk (per-row selection is a sort, which cuda's topk already does well); the kernel
+   takes them and the on-support gradients are scattered afterwards;
+3. grad_hidden = grad_logits @ W and grad_W += grad_logits^T @ h on the tensor cores, grad_W
+   accumulated in float32 straight from bf16 operands (``out_dtype``), grad_b += column sums.
 
 Why GEMMs in cuBLAS and not in the Triton kernel: the four GEMMs are 8 T H V FLOPs and
-dominate (43 ms of an ideal ~50 ms at T=8192, H=4096, V=128256 on an H100), and cuBLAS runs
-them near the 800 TFLOP/s peak. A Triton matmul with the softmax in its epilogue would save
-only the statistics pass (one read of the chunk's logits, ~1.4 ms at that shape) and would
-have to either recompute logits for the gradient (+50 % GEMM work) or store them anyway.
-Gradients are computed in the forward (no logits recompute in backward), the chunk buffer is
-reused across chunks, and the gradient overwrites the student logits, so the HBM traffic per
-logit is: GEMM write, 1 (KL / sampled) or 2 (JSD) reads for the statistics and divergence,
-one read + write for the gradient, and the gradient GEMM reads. Large chunks keep W re-reads
-and the fp32 grad_W read-modify-writes (one per chunk) small; no atomics are needed.
+dominate (43 ms at T=8192, H=4096, V=128256 on an H100 at 800 TFLOP/s), and cuBLAS runs them at
+that rate. A Triton matmul with the softmax in its epilogue would save only the statistics
+pass over the chunk, and would have to recompute logits for the gradient (+50 % GEMM work) or
+store them anyway. Gradients are computed in the forward (no recompute in backward); chunk
+buffers are reused; grad_W needs no atomics (one fp32 read-modify-write per chunk, so large
+chunks).
+
+Logits are float32 by default: bf16 logits cost ~1e-2 relative accuracy in the loss and
+gradients (a logit of 10 is rounded by 0.03). ``HSD_TRITON_LOGITS=half`` (or
+:data:`HALF_LOGITS`) keeps them in the input dtype instead: about half the HBM traffic of the
+softmax passes (bf16: ~16-22 bytes per logit in all instead of ~26-38) for that accuracy.
 """
 
 import os
@@ -31,8 +37,9 @@ from torch import Tensor
 
 from .row_divergence import TOPK, launch_rows
 
-# logits per side per chunk: 2^28 bf16 = 512 MiB per side (2048 rows of a 128k vocabulary)
+# logits per side per chunk: 2^28 = 2048 rows of a 128k vocabulary (2 GiB of float32 pairs)
 CHUNK_ELEMENTS = int(os.environ.get("HSD_TRITON_CHUNK_ELEMENTS", 1 << 28))
+HALF_LOGITS = os.environ.get("HSD_TRITON_LOGITS", "float32") == "half"
 _OUT_DTYPE_MM = {"ok": True}  # cleared once if this torch/cuBLAS lacks mm(out_dtype=)
 
 
@@ -43,31 +50,43 @@ def chunk_rows(n: int, vocab: int, budget: Optional[int] = None) -> int:
     return rows - rows % 128 if rows > 128 else rows
 
 
-def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor, first: bool) -> None:
-    """acc (fp32) = / += a @ b without a float32 GEMM when a and b are half precision."""
+def _mm_fp32(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, fallback) -> None:
+    """out (float32) = / += a @ b, on half-precision tensor cores when a and b are half.
+
+    ``fallback()`` returns float32 (a, b) for where no half GEMM writes float32 (CPU, old torch).
+    """
     if a.dtype == torch.float32:
-        if first:
-            torch.mm(a, b, out=acc)
+        if accumulate:
+            out.addmm_(a, b)
         else:
-            acc.addmm_(a, b)
+            torch.mm(a, b, out=out)
         return
-    if acc.is_cuda and _OUT_DTYPE_MM["ok"]:
+    if out.is_cuda and _OUT_DTYPE_MM["ok"]:
         try:
-            if first:
-                torch.mm(a, b, out_dtype=torch.float32, out=acc)
+            if accumulate:
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             else:
-                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
         except (RuntimeError, TypeError):
             _OUT_DTYPE_MM["ok"] = False
-    if acc.is_cuda:  # tensor-core GEMM, chunk result rounded once before the fp32 sum
-        part = torch.mm(a, b).float()
+    a32, b32 = fallback()
+    if accumulate:
+        out.addmm_(a32, b32)
     else:
-        part = torch.mm(a.float(), b.float())
-    if first:
-        acc.copy_(part)
-    else:
-        acc.add_(part)
+        torch.mm(a32, b32, out=out)
+
+
+class _Float32Heads:
+    """float32 copies of the heads for the fallback GEMMs, made at most once per call."""
+
+    def __init__(self, *heads: Tensor):
+        self.heads, self.cache = heads, {}
+
+    def __call__(self, i: int) -> Tensor:
+        if i not in self.cache:
+            self.cache[i] = self.heads[i].float()
+        return self.cache[i]
 
 
 def _same_head(weight: Tensor, bias: Optional[Tensor], teacher_weight: Tensor,
@@ -79,11 +98,12 @@ def _same_head(weight: Tensor, bias: Optional[Tensor], teacher_weight: Tensor,
     return same(weight, teacher_weight) and same(bias, teacher_bias)
 
 
-def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    if bias is None:
+def _logits_into(out: Tensor, x: Tensor, weight: Tensor, weight32) -> None:
+    """out = x @ weight^T (no bias: the kernel adds it), in out's dtype."""
+    if out.dtype == x.dtype:
         torch.mm(x, weight.t(), out=out)
     else:
-        torch.addmm(bias, x, weight.t(), out=out)
+        _mm_fp32(x, weight.t(), out, False, lambda: (x.float(), weight32().t()))
 
 
 def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
@@ -99,7 +119,8 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
     loss = torch.empty(n, dtype=torch.float32, device=device)
     stats = torch.empty(n, 4, dtype=torch.float32, device=device)
     grad_h = torch.empty(n, hidden, dtype=dtype, device=device) if compute_grad else None
-    grad_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device) if compute_grad else None
+    grad_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device) \
+        if compute_grad else None  # the first chunk overwrites it
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) \
         if compute_grad and bias is not None else None
     if n == 0:
@@ -108,8 +129,16 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
         return loss, stats, grad_h, grad_w, grad_b
     rows = chunk_rows(n, vocab, budget)
     shared = _same_head(weight, bias, teacher_weight, teacher_bias)
-    logits_buf = torch.empty(2 * rows, vocab, dtype=dtype, device=device)
+    if (bias is None) != (teacher_bias is None):  # the kernel adds both biases or neither
+        zeros = torch.zeros(vocab, dtype=dtype, device=device)
+        bias, teacher_bias = (zeros if bias is None else bias,
+                              zeros if teacher_bias is None else teacher_bias)
+    logits_dtype = dtype if HALF_LOGITS or dtype == torch.float32 else torch.float32
+    logits_buf = torch.empty(2 * rows, vocab, dtype=logits_dtype, device=device)
+    grad_buf = torch.empty(rows, vocab, dtype=dtype, device=device) \
+        if compute_grad and logits_dtype != dtype else None
     stacked = torch.empty(2 * rows, hidden, dtype=dtype, device=device) if shared else None
+    heads32 = _Float32Heads(weight, teacher_weight)
     coef = coef.float().contiguous()
     advantage = advantage.float().contiguous() if advantage is not None else None
     target_ids = target_ids.contiguous() if target_ids is not None else None
@@ -123,25 +152,36 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
         if shared:  # one GEMM for both sides: each weight tile is read once for the pair
             stacked[:c].copy_(h)
             stacked[c:2 * c].copy_(teacher_hidden[start:stop])
-            _linear_into(pair, stacked[:2 * c], weight, bias)
+            _logits_into(pair, stacked[:2 * c], weight, lambda: heads32(0))
         else:
-            _linear_into(pair[:c], h, weight, bias)
-            _linear_into(pair[c:], teacher_hidden[start:stop], teacher_weight, teacher_bias)
+            _logits_into(pair[:c], h, weight, lambda: heads32(0))
+            _logits_into(pair[c:], teacher_hidden[start:stop], teacher_weight,
+                         lambda: heads32(1))
         s, t = pair[:c], pair[c:]
-        ids = (t if topk_from_teacher else s).topk(topk, 1, sorted=False).indices \
-            if mode == TOPK else None
+        kernel_bias = (bias, teacher_bias) if bias is not None else (None, None)
+        ids = None
+        if mode == TOPK:
+            if bias is not None:  # topk ranks biased logits: add the biases in place once
+                s.add_(bias)
+                t.add_(teacher_bias)
+                kernel_bias = (None, None)
+            ids = (t if topk_from_teacher else s).topk(topk, 1, sorted=False).indices
+        g = (s if grad_buf is None else grad_buf[:c]) if compute_grad else None
         sup = on_support[:c] if on_support is not None else None
-        launch_rows(s, t, s if compute_grad else None, loss[start:stop], stats[start:stop],
+        launch_rows(s, t, g, loss[start:stop], stats[start:stop],
                     target_ids[start:stop] if target_ids is not None else None,
                     coef[start:stop], advantage[start:stop] if advantage is not None else None,
-                    ids, sup, mode, alpha, temperature, tail, signal_clip, kl_clip, compute_grad)
+                    ids, sup, mode, alpha, temperature, tail, signal_clip, kl_clip, compute_grad,
+                    student_bias=kernel_bias[0], teacher_bias=kernel_bias[1])
         if not compute_grad:
             continue
-        g = s  # grad_logits now lives where the student logits were
         if sup is not None:
             g.scatter_(1, ids, sup.to(g.dtype))
-        torch.mm(g, weight, out=grad_h[start:stop])
-        _accumulate_fp32(grad_w, g.t(), h, first=start == 0)
+        if g.dtype == torch.float32 or g.is_cuda:
+            torch.mm(g, weight, out=grad_h[start:stop])
+        else:  # CPU half: float32 math, one rounding at the end
+            grad_h[start:stop] = (g.float() @ heads32(0)).to(dtype)
+        _mm_fp32(g.t(), h, grad_w, start > 0, lambda: (g.t().float(), h.float()))
         if grad_b is not None:
             grad_b += g.sum(0, dtype=torch.float32)
     return loss, stats, grad_h, grad_w, grad_b
@@ -161,9 +201,10 @@ def triton_fused_linear(student_hidden: Tensor, teacher_hidden: Tensor, weight: 
                                           advantage, mode, alpha, temperature, topk,
                                           topk_from_teacher, tail, signal_clip, kl_clip,
                                           compute_grad)
-    empty = loss.new_empty(0)
+    # absent gradients: distinct empty tensors (a custom op's outputs may not alias)
     return (loss, stats, gh if gh is not None else student_hidden.new_empty(0),
-            gw if gw is not None else empty, gb if gb is not None else empty)
+            gw if gw is not None else loss.new_empty(0),
+            gb if gb is not None else loss.new_empty(0))
 
 
 @triton_fused_linear.register_fake
@@ -175,8 +216,8 @@ def _(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias
     loss = student_hidden.new_empty(n, dtype=f32)
     stats = student_hidden.new_empty(n, 4, dtype=f32)
     if not compute_grad:
-        empty = student_hidden.new_empty(0, dtype=f32)
-        return loss, stats, student_hidden.new_empty(0), empty, empty
+        return (loss, stats, student_hidden.new_empty(0), student_hidden.new_empty(0, dtype=f32),
+                student_hidden.new_empty(0, dtype=f32))
     gb = student_hidden.new_empty(bias.shape[0], dtype=f32) if bias is not None \
         else student_hidden.new_empty(0, dtype=f32)
     return (loss, stats, student_hidden.new_empty(student_hidden.shape),

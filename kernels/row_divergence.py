@@ -29,6 +29,15 @@ NEG_BIG = -1e30  # finite start for running maxima: exp(-inf - NEG_BIG) is 0, ne
 
 
 @triton.jit
+def _load_scaled(row_ptr, bias_ptr, offs, mask, inv_temp, HAS_BIAS: tl.constexpr):
+    """(logits + bias) / T in float32 at ``offs``; -inf where masked off."""
+    x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x * inv_temp
+
+
+@triton.jit
 def _plogratio(lp, lq):
     """p * (log p - log q), 0 where p = 0 (guarded with where, never by multiplication)."""
     present = lp > float("-inf")
@@ -61,10 +70,10 @@ def _div_and_slope(lp, lq, alpha, log_ws, log_wt, ALPHA_KIND: tl.constexpr):
 
 @triton.jit
 def hsd_rows_kernel(
-    S, T, G, LOSS, STATS, TGT, COEF, ADV, IDS, ONSUP,
+    S, T, BS, BT, G, LOSS, STATS, TGT, COEF, ADV, IDS, ONSUP,
     V, K, stride_s, stride_t, stride_g,
     inv_temp, alpha, log_ws, log_wt, signal_clip, kl_clip,
-    MODE: tl.constexpr, ALPHA_KIND: tl.constexpr, TAIL: tl.constexpr,
+    MODE: tl.constexpr, ALPHA_KIND: tl.constexpr, TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_TARGET: tl.constexpr, HAS_ADV: tl.constexpr, CLIP_SIGNAL: tl.constexpr,
     CLIP_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -84,8 +93,8 @@ def hsd_rows_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         inside = offs < V
-        s = tl.load(s_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
-        t = tl.load(t_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
+        s = _load_scaled(s_row, BS, offs, inside, inv_temp, HAS_BIAS)
+        t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
         new_s = tl.maximum(m_s, tl.max(s, 0))
         new_t = tl.maximum(m_t, tl.max(t, 0))
         r_s = tl.exp(m_s - new_s)
@@ -106,8 +115,8 @@ def hsd_rows_kernel(
 
     if HAS_TARGET:
         y = tl.load(TGT + row)
-        lp_s_y = tl.load(s_row + y).to(tl.float32) * inv_temp - lse_s
-        lp_t_y = tl.load(t_row + y).to(tl.float32) * inv_temp - lse_t
+        lp_s_y = _load_scaled(s_row, BS, y, y >= 0, inv_temp, HAS_BIAS) - lse_s
+        lp_t_y = _load_scaled(t_row, BT, y, y >= 0, inv_temp, HAS_BIAS) - lse_t
     else:
         y = -1
         lp_s_y = tl.full([], 0.0, tl.float32)
@@ -126,8 +135,8 @@ def hsd_rows_kernel(
         div = -adv
     elif MODE == 1:
         if ALPHA_KIND == 1:
-            div = kl_acc / z_s - lse_s + lse_t
-            slope_sum = div
+            mean_gap = kl_acc / z_s
+            div = mean_gap - lse_s + lse_t
         elif ALPHA_KIND == 0:
             div = kl_acc / z_t - lse_t + lse_s
         else:  # pass 2: the mixture needs both final log-normalisers
@@ -136,8 +145,8 @@ def hsd_rows_kernel(
             for start in range(0, V, BLOCK_V):
                 offs = start + lanes
                 inside = offs < V
-                s = tl.load(s_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
-                t = tl.load(t_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
+                s = _load_scaled(s_row, BS, offs, inside, inv_temp, HAS_BIAS)
+                t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
                 d, sl = _div_and_slope(s - lse_s, t - lse_t, alpha, log_ws, log_wt, ALPHA_KIND)
                 d_vec += tl.where(inside, d, 0.0)
                 sl_vec += tl.where(inside, sl, 0.0)
@@ -148,8 +157,8 @@ def hsd_rows_kernel(
         k_lanes = tl.arange(0, BLOCK_K)
         k_in = k_lanes < K
         ids = tl.load(IDS + row * K + k_lanes, mask=k_in, other=0)
-        sup_s = tl.load(s_row + ids, mask=k_in, other=NEG_INF).to(tl.float32) * inv_temp - lse_s
-        sup_t = tl.load(t_row + ids, mask=k_in, other=NEG_INF).to(tl.float32) * inv_temp - lse_t
+        sup_s = _load_scaled(s_row, BS, ids, k_in, inv_temp, HAS_BIAS) - lse_s
+        sup_t = _load_scaled(t_row, BT, ids, k_in, inv_temp, HAS_BIAS) - lse_t
         sup_s = tl.where(k_in, sup_s, NEG_INF)
         sup_t = tl.where(k_in, sup_t, NEG_INF)
         if TAIL:
@@ -203,7 +212,7 @@ def hsd_rows_kernel(
             if MODE == 2 and not TAIL:
                 g = tl.zeros([BLOCK_V], dtype=tl.float32)
             else:
-                s = tl.load(s_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
+                s = _load_scaled(s_row, BS, offs, inside, inv_temp, HAS_BIAS)
                 lp = s - lse_s
                 p = tl.exp(lp)
                 if MODE == 0:  # d(-a log p_y)/ds = a (p - onehot_y)
@@ -211,10 +220,15 @@ def hsd_rows_kernel(
                 elif MODE == 2:
                     g = p * tail_coef
                 elif ALPHA_KIND == 0:  # slope -q, its row sum -1
-                    t = tl.load(t_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
+                    t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
                     g = p - tl.exp(t - lse_t)
+                elif ALPHA_KIND == 1:
+                    # p (lp - lq) - p D = p ((s - t) - E_p[s - t]): the normalisers cancel
+                    # exactly, so near one-hot rows give 0, not the rounding of |logits|
+                    t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
+                    g = tl.where(s > NEG_INF, p * ((s - t) - mean_gap), 0.0)
                 else:
-                    t = tl.load(t_row + offs, mask=inside, other=NEG_INF).to(tl.float32) * inv_temp
+                    t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
                     d, sl = _div_and_slope(lp, t - lse_t, alpha, log_ws, log_wt, ALPHA_KIND)
                     g = sl - p * slope_sum
             g = tl.where(active, g * scale, 0.0)
@@ -227,11 +241,12 @@ def _interpreting(device) -> bool:
 
 def launch_rows(student, teacher, grad, loss, stats, target_ids, coef, advantage, ids, on_support,
                 mode, alpha, temperature, tail, signal_clip, kl_clip, compute_grad,
-                block_v=None):
+                student_bias=None, teacher_bias=None, block_v=None):
     """Run :func:`hsd_rows_kernel` over the rows of ``student`` / ``teacher`` ([n, V], unit last stride).
 
     ``grad`` ([n, V], may be ``student`` itself) receives grad_logits when ``compute_grad``;
-    top-k mode also needs ``ids`` [n, k] and writes ``on_support`` [n, k] (float32).
+    top-k mode also needs ``ids`` [n, k] and writes ``on_support`` [n, k] (float32). The optional
+    [V] biases are added to the logits as they are loaded (both or neither).
     """
     import math
 
@@ -250,14 +265,16 @@ def launch_rows(student, teacher, grad, loss, stats, target_ids, coef, advantage
     log_wt = math.log(alpha) if alpha_kind == MIXTURE else 0.0
     dummy = loss  # stands in for absent pointers; never dereferenced (constexpr-guarded)
     g = grad if grad is not None else student
+    has_bias = student_bias is not None
     hsd_rows_kernel[(n,)](
-        student, teacher, g, loss, stats,
+        student, teacher, student_bias if has_bias else dummy,
+        teacher_bias if has_bias else dummy, g, loss, stats,
         target_ids if target_ids is not None else dummy, coef,
         advantage if advantage is not None else dummy,
         ids if ids is not None else dummy, on_support if on_support is not None else dummy,
         vocab, k, student.stride(0), teacher.stride(0), g.stride(0),
         1.0 / temperature, float(alpha), log_ws, log_wt, float(signal_clip), float(kl_clip),
-        MODE=mode, ALPHA_KIND=alpha_kind, TAIL=bool(tail), HAS_TARGET=target_ids is not None,
+        MODE=mode, ALPHA_KIND=alpha_kind, TAIL=bool(tail), HAS_BIAS=has_bias, HAS_TARGET=target_ids is not None,
         HAS_ADV=advantage is not None, CLIP_SIGNAL=signal_clip > 0, CLIP_KL=kl_clip > 0,
         COMPUTE_GRAD=bool(compute_grad), BLOCK_V=block_v,
         BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps,

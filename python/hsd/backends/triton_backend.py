@@ -40,8 +40,16 @@ def _interpreting() -> bool:
 
 
 def is_available() -> bool:
-    """Triton imports and there is something to run on: a CUDA GPU, or the interpreter."""
-    return _triton_importable() and (torch.cuda.is_available() or _interpreting())
+    """Triton imports, there is something to run on (a CUDA GPU, or the interpreter), and the
+    kernels import; loading them here registers the ops before any ``torch.compile`` trace."""
+    if not (_triton_importable() and (torch.cuda.is_available() or _interpreting())):
+        return False
+    try:
+        kernels()
+    except ImportError as err:
+        _state.setdefault("error", err)
+        return False
+    return True
 
 
 def supports(device: torch.device) -> bool:
@@ -87,8 +95,10 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
         return torch_chunked.logits(student_logits, teacher_logits, target_ids, coef, advantage,
                                     spec, compute_grad)
     _load_ops()
+    # the op never sees autograd: gradients are returned explicitly (contract)
     loss, stats, grad = torch.ops.hsd.triton_logits(
-        student_logits, teacher_logits.to(student_logits.dtype), target_ids, coef, advantage,
+        student_logits.detach(), teacher_logits.detach().to(student_logits.dtype), target_ids,
+        coef.detach(), advantage.detach() if advantage is not None else None,
         *_spec_args(spec), bool(compute_grad))
     return loss, stats, grad if compute_grad else None
 
@@ -100,15 +110,17 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
         return torch_chunked.fused(student_hidden, teacher_hidden, weight, bias, teacher_weight,
                                    teacher_bias, target_ids, coef, advantage, spec, compute_grad)
     _load_ops()
+    detach = (lambda x: None if x is None else x.detach())
     loss, stats, gh, gw, gb = torch.ops.hsd.triton_fused_linear(
-        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-        coef, advantage, *_spec_args(spec), bool(compute_grad))
+        *map(detach, (student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias)),
+        target_ids, coef.detach(), detach(advantage), *_spec_args(spec), bool(compute_grad))
     if not compute_grad:
         return loss, stats, None, None, None
     return loss, stats, gh, gw, gb if bias is not None else None
 
 
 def _load_ops() -> None:
-    """Import the kernels once; importing registers the ``hsd::triton_*`` ops."""
+    """Import the kernels once (registers the ``hsd::triton_*`` ops); a no-op after
+    :func:`is_available`, so it is trace-free under ``torch.compile``."""
     if "kernels" not in _state:
         kernels()

@@ -1,0 +1,370 @@
+"""The ``"triton"`` backend against the float64 reference, on tiny shapes.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``
+must be set before any kernel module is imported); with one, the same cases run compiled on
+CUDA tensors. Shapes stay tiny because interpreter cost grows with programs x tiles.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import hsd  # noqa: E402
+from hsd.backends import FULL, SAMPLED, TOPK, DivergenceSpec, reference  # noqa: E402
+from hsd.backends import triton_backend  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRETING else "cuda")
+
+pytestmark = [
+    pytest.mark.skipif(not triton_backend.is_available() or not triton_backend.supports(DEVICE),
+                       reason="triton backend unavailable (no GPU and TRITON_INTERPRET unset)"),
+    # masked lanes compute (-inf) - (-inf) and log(0) under a where(); numpy warns about it
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
+
+N, H, V = 13, 24, 300  # V is not a multiple of the 128-wide interpreter tile
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Five-row chunks, so the fused path walks several chunks and a ragged last one."""
+    fused_linear = triton_backend.kernels().fused_linear
+    monkeypatch.setattr(fused_linear, "CHUNK_ELEMENTS", 5 * V)
+
+
+def assert_close(got, ref, rtol, atol=1e-6, what=""):
+    """max|got - ref| <= rtol * max|ref| + atol, with matching non-finite entries."""
+    assert got is not None and ref is not None, what
+    assert got.shape == ref.shape, (what, got.shape, ref.shape)
+    got = got.detach().double()
+    ref = ref.detach().double()
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), finite), f"{what}: non-finite entries differ"
+    assert torch.equal(got[~finite], ref[~finite]), f"{what}: infinities differ"
+    if finite.any():
+        err = (got[finite] - ref[finite]).abs().max().item()
+        bound = rtol * ref[finite].abs().max().item() + atol
+        assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def make_inputs(n=N, hidden=H, vocab=V, dtype=torch.float32, logit_scale=1.5, bias="random",
+                separate_teacher=False, coef="random", advantage=False, boost_ids=None):
+    """Hidden states, heads and per-token arrays on DEVICE (teacher hidden independent)."""
+    g = torch.Generator().manual_seed(hash((n, hidden, vocab, str(dtype), logit_scale, bias,
+                                            separate_teacher, coef, advantage)) % (1 << 31))
+    h = torch.randn(n, hidden, generator=g)
+    ht = 0.6 * h + 0.8 * torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * (logit_scale / hidden ** 0.5)
+    b = None if bias is None else 0.5 * torch.randn(vocab, generator=g)
+    masked = torch.tensor([], dtype=torch.long)
+    if bias == "masked":  # a masked vocabulary: -inf bias entries
+        masked = torch.randperm(vocab, generator=g)[: vocab // 7]
+        b[masked] = float("-inf")
+    if boost_ids is not None:  # a clear top-k support, robust to bf16 rounding
+        b[boost_ids] += 8.0
+    tw, tb = w, b
+    if separate_teacher:
+        tw = w + 0.3 * torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
+        tb = None if b is None else b + 0.2 * torch.randn(vocab, generator=g)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[masked] = False
+    pool = allowed.nonzero()[:, 0]
+    y = pool[torch.randint(0, pool.numel(), (n,), generator=g)]
+    if coef == "random":
+        c = torch.rand(n, generator=g) + 0.1
+        c[n // 3] = 0.0
+    elif coef == "zero":
+        c = torch.zeros(n)
+    else:
+        c = torch.ones(n)
+    adv = torch.randn(n, generator=g) if advantage else None
+
+    def dev(x, cast=True):
+        if x is None:
+            return None
+        return x.to(DEVICE, dtype) if cast and x.is_floating_point() else x.to(DEVICE)
+
+    return dict(h=dev(h), ht=dev(ht), w=dev(w), b=dev(b), tw=dev(tw) if separate_teacher else None,
+                tb=dev(tb) if separate_teacher else None, y=dev(y), coef=dev(c, False),
+                adv=dev(adv, False))
+
+
+def _heads(x):
+    """The contract's teacher head: the student's tensors themselves when shared."""
+    if x["tw"] is None:
+        return x["w"], x["b"]
+    return x["tw"], x["tb"]
+
+
+def run_fused(backend, x, spec, f64=False, compute_grad=True):
+    tw, tb = _heads(x)
+    d = (lambda t: None if t is None else t.double()) if f64 else (lambda t: t)
+    shared = x["tw"] is None
+    w, b = d(x["w"]), d(x["b"])
+    return backend.fused(d(x["h"]), d(x["ht"]), w, b, w if shared else d(tw),
+                         b if shared else d(tb), x["y"], x["coef"], x["adv"], spec, compute_grad)
+
+
+def check_fused(x, spec, rtol, names=("token_loss", "stats", "grad_hidden", "grad_weight",
+                                      "grad_bias")):
+    got = run_fused(triton_backend, x, spec)
+    ref = run_fused(reference, x, spec, f64=True)
+    for name, a, r in zip(names, got, ref):
+        if r is None:
+            assert a is None, name
+            continue
+        assert_close(a, r, rtol, what=name)
+        if name == "grad_weight" or name == "grad_bias":
+            assert a.dtype == torch.float32, name
+        if name == "grad_hidden":
+            assert a.dtype == x["h"].dtype
+    return got, ref
+
+
+def check_logits(x, spec, rtol):
+    tw, tb = _heads(x)
+    s = torch.nn.functional.linear(x["h"], x["w"], x["b"])
+    t = torch.nn.functional.linear(x["ht"], tw, tb)
+    got = triton_backend.logits(s, t, x["y"], x["coef"], x["adv"], spec, True)
+    ref = reference.logits(s.double(), t.double(), x["y"], x["coef"], x["adv"], spec, True)
+    for name, a, r in zip(("token_loss", "stats", "grad_logits"), got, ref):
+        assert_close(a, r, rtol, what=name)
+    assert got[2].dtype == s.dtype
+
+
+def spec_of(mode="sampled", **kw):
+    return DivergenceSpec(mode={"sampled": SAMPLED, "full": FULL, "topk": TOPK}[mode], **kw)
+
+
+SPECS = {
+    "sampled": spec_of("sampled"),
+    "sampled-T0.7-clip": spec_of("sampled", temperature=0.7, signal_clip=0.3),
+    "full-a0": spec_of("full", alpha=0.0),
+    "full-a0.3": spec_of("full", alpha=0.3),
+    "full-a0.5-T2": spec_of("full", alpha=0.5, temperature=2.0),
+    "full-a1": spec_of("full", alpha=1.0),
+    "topk-student-tail-a1": spec_of("topk", alpha=1.0, topk=5),
+    "topk-student-tail-a0": spec_of("topk", alpha=0.0, topk=7),
+    "topk-student-notail-a0.5": spec_of("topk", alpha=0.5, topk=5, tail=False),
+    "topk-teacher-tail-a0.3": spec_of("topk", alpha=0.3, topk=6, topk_from_teacher=True),
+    "topk-teacher-notail-a1-T1.5": spec_of("topk", alpha=1.0, topk=4, topk_from_teacher=True,
+                                          tail=False, temperature=1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fused_fp32_matches_reference(name):
+    check_fused(make_inputs(), SPECS[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_logits_fp32_matches_reference(name):
+    check_logits(make_inputs(), SPECS[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0", "full-a0.5-T2", "full-a1",
+                                  "topk-student-tail-a1", "topk-teacher-notail-a1-T1.5"])
+def test_fused_separate_teacher_head(name):
+    check_fused(make_inputs(separate_teacher=True), SPECS[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0.3", "full-a1", "topk-student-tail-a0"])
+def test_fused_without_bias(name):
+    got, _ = check_fused(make_inputs(bias=None), SPECS[name], rtol=1e-5)
+    assert got[4] is None
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0", "full-a0.5-T2", "full-a1",
+                                  "topk-student-tail-a1", "topk-student-notail-a0.5"])
+def test_masked_vocabulary(name):
+    """-inf bias entries: zero probability, zero gradient, finite divergences."""
+    x = make_inputs(bias="masked")
+    got, _ = check_fused(x, SPECS[name], rtol=1e-5)
+    masked = torch.isinf(x["b"])
+    assert torch.all(got[4][masked] == 0)
+    check_logits(x, SPECS[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0", "full-a0.3", "full-a1",
+                                  "topk-student-tail-a1", "topk-teacher-notail-a1-T1.5"])
+def test_extreme_logits(name):
+    """Logits of magnitude ~1e4: near one-hot distributions, no overflow or NaN."""
+    x = make_inputs(logit_scale=1e4)
+    check_fused(x, SPECS[name], rtol=1e-5)
+    check_logits(x, SPECS[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "full", "topk"])
+def test_kl_and_signal_clips(mode):
+    x = make_inputs()
+    if mode == "sampled":
+        spec = spec_of("sampled", signal_clip=0.2)
+    else:
+        base = spec_of(mode, alpha=0.5, topk=5)
+        div = run_fused(reference, x, base, f64=True, compute_grad=False)[1][:, 3].sort().values
+        mid = div.numel() // 2  # halfway between two tokens: no float32 / float64 disagreement
+        spec = spec_of(mode, alpha=0.5, topk=5, kl_clip=float(div[mid - 1:mid + 1].mean()))
+    got, _ = check_fused(x, spec, rtol=1e-5)
+    if mode != "sampled":  # clipped tokens get exactly no gradient
+        clipped = got[1][:, 3] > spec.kl_clip
+        assert clipped.any() and torch.all(got[2][clipped] == 0)
+    check_logits(x, spec, rtol=1e-5)
+
+
+def test_advantage_override():
+    x = make_inputs(advantage=True)
+    for spec in (spec_of("sampled"), spec_of("sampled", signal_clip=0.1, temperature=1.3)):
+        check_fused(x, spec, rtol=1e-5)
+        check_logits(x, spec, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0.3", "topk-student-tail-a1"])
+def test_masks(name):
+    """Zero coefficients give exactly-zero gradient rows; an all-zero mask gives zero grads."""
+    x = make_inputs()
+    got, _ = check_fused(x, SPECS[name], rtol=1e-5)
+    assert torch.all(got[2][x["coef"] == 0] == 0)
+    x = make_inputs(coef="zero")
+    got, _ = check_fused(x, SPECS[name], rtol=1e-5)
+    assert torch.count_nonzero(got[2]) == 0 and torch.count_nonzero(got[3]) == 0
+    assert torch.count_nonzero(got[4]) == 0
+    assert torch.isfinite(got[0]).all()
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0.5-T2", "topk-teacher-tail-a0.3"])
+def test_single_token_and_single_chunk(name, monkeypatch):
+    check_fused(make_inputs(n=1), SPECS[name], rtol=1e-5)
+    check_logits(make_inputs(n=1), SPECS[name], rtol=1e-5)
+    monkeypatch.setattr(triton_backend.kernels().fused_linear, "CHUNK_ELEMENTS", 1 << 28)
+    check_fused(make_inputs(), SPECS[name], rtol=1e-5)
+
+
+def test_statistics_only_pass():
+    x = make_inputs()
+    for spec in (SPECS["sampled"], SPECS["full-a0.3"], SPECS["topk-student-tail-a1"]):
+        got = run_fused(triton_backend, x, spec, compute_grad=False)
+        ref = run_fused(reference, x, spec, f64=True, compute_grad=False)
+        assert got[2:] == (None, None, None)
+        assert_close(got[0], ref[0], 1e-5)
+        assert_close(got[1], ref[1], 1e-5)
+
+
+BF16_SPECS = ["sampled", "full-a0", "full-a0.5-T2", "full-a1", "topk-student-tail-a1",
+              "topk-teacher-notail-a1-T1.5"]
+
+
+@pytest.mark.parametrize("name", BF16_SPECS)
+def test_bf16_matches_reference(name):
+    """bf16 hidden states and heads (tensor-core GEMMs, fp32 softmax math) within 1e-2."""
+    spec = SPECS[name]
+    boost = torch.arange(0, V, V // spec.topk)[: spec.topk] if spec.mode == TOPK else None
+    x = make_inputs(dtype=torch.bfloat16, boost_ids=boost)
+    check_fused(x, spec, rtol=1e-2)
+    check_logits(x, spec, rtol=1e-2)
+
+
+def test_float64_goes_to_the_portable_path():
+    x = make_inputs(dtype=torch.float64)
+    got = run_fused(triton_backend, x, SPECS["full-a0.3"])
+    ref = run_fused(reference, x, SPECS["full-a0.3"], f64=True)
+    for a, r in zip(got, ref):
+        assert a.dtype == torch.float64
+        assert_close(a, r, 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the public API
+# ----------------------------------------------------------------------------------------------
+def _api_grads(backend, x, leaf_dtype, **options):
+    h = x["h"].detach().clone().requires_grad_(True)
+    w = x["w"].detach().clone().requires_grad_(True)
+    b = x["b"].detach().clone().requires_grad_(True)
+    seq_ids = torch.arange(h.shape[0], device=DEVICE) // 5
+    loss = hsd.fused_hindsight_loss(h, x["ht"], w, x["y"], bias=b, seq_ids=seq_ids,
+                                    backend=backend, **options)
+    (loss if loss.dim() == 0 else (loss * torch.linspace(0.5, 1.5, loss.numel(),
+                                                         device=DEVICE)).sum()).backward()
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("options", [
+    dict(mode="sampled", ignore_first_k=2),
+    dict(mode="sampled", center=True, signal_clip=0.5, reduction="token_mean"),
+    dict(mode="full", alpha=0.5, temperature=1.3, reduction="none"),
+    dict(mode="topk", topk=6, alpha=1.0, kl_clip=0.4),
+], ids=["sampled-skip2", "sampled-centred", "jsd-per-token", "topk-clip"])
+def test_public_api_matches_reference(options):
+    x = make_inputs()
+    got = _api_grads("triton", x, torch.float32, **options)
+    ref = _api_grads("reference", x, torch.float32, **options)
+    for name, a, r in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, ref):
+        assert_close(a, r, 2e-5, what=name)
+
+
+def test_public_logits_api_matches_reference():
+    x = make_inputs()
+    s = torch.nn.functional.linear(x["h"], x["w"], x["b"])
+    t = torch.nn.functional.linear(x["ht"], x["w"], x["b"])
+    out = {}
+    for backend in ("triton", "reference"):
+        logits = s.detach().clone().requires_grad_(True)
+        loss = hsd.hindsight_loss(logits, t, x["y"], mode="full", alpha=0.3, backend=backend)
+        loss.backward()
+        out[backend] = (loss.detach(), logits.grad)
+    for a, r in zip(out["triton"], out["reference"]):
+        assert_close(a, r, 2e-5)
+
+
+def test_dispatch():
+    assert "triton" in hsd.available_backends()
+    assert hsd.select_backend(DEVICE, "triton") is triton_backend
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile: both ops are custom ops with fake implementations
+# ----------------------------------------------------------------------------------------------
+def test_custom_ops_pass_opcheck():
+    x = make_inputs(n=4)
+    s = torch.nn.functional.linear(x["h"], x["w"], x["b"])
+    t = torch.nn.functional.linear(x["ht"], x["w"], x["b"])
+    scalars = (TOPK, 0.5, 1.0, 3, False, True, 0.0, 0.0, True)
+    torch.library.opcheck(torch.ops.hsd.triton_logits.default,
+                          (s, t, x["y"][:4], x["coef"][:4], None) + scalars)
+    torch.library.opcheck(torch.ops.hsd.triton_fused_linear.default,
+                          (x["h"], x["ht"], x["w"], x["b"], x["w"], x["b"], x["y"], x["coef"],
+                           None) + scalars)
+
+
+def test_fused_runs_under_torch_compile_fullgraph():
+    x = make_inputs()
+    spec = SPECS["full-a0.5-T2"]
+
+    def step(h, ht, w, b, y, coef):
+        loss, stats, gh, gw, gb = triton_backend.fused(h, ht, w, b, w, b, y, coef, None, spec,
+                                                       True)
+        return (coef * loss).sum(), stats, gh, gw, gb
+
+    torch._dynamo.reset()
+    args = (x["h"], x["ht"], x["w"], x["b"], x["y"], x["coef"])
+    got = torch.compile(step, fullgraph=True)(*args)
+    for a, r in zip(got, step(*args)):
+        assert_close(a, r, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["sampled", "full-a0.5-T2", "topk-student-tail-a1"])
+def test_half_logits_mode(name, monkeypatch):
+    """HSD_TRITON_LOGITS=half: bf16 logits buffer, gradients in place (bf16-rounded logits)."""
+    monkeypatch.setattr(triton_backend.kernels().fused_linear, "HALF_LOGITS", True)
+    spec = SPECS[name]
+    boost = torch.arange(0, V, V // spec.topk)[: spec.topk] if spec.mode == TOPK else None
+    check_fused(make_inputs(dtype=torch.bfloat16, logit_scale=1.0, boost_ids=boost), spec,
+                rtol=4e-2)
