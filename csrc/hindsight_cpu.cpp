@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "hindsight_ops.h"
 
@@ -21,8 +22,13 @@ namespace {
 constexpr int64_t kChunkElements = int64_t(1) << 25;
 constexpr int64_t kMinChunkRows = 64;
 
+// Rows per chunk; HSD_CPU_CHUNK_ROWS overrides it (tests use it to cross chunk boundaries).
 int64_t chunk_rows(int64_t n, int64_t vocab) {
-  const int64_t rows = std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(vocab, 1));
+  int64_t rows = std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(vocab, 1));
+  if (const char* env = std::getenv("HSD_CPU_CHUNK_ROWS")) {
+    const int64_t forced = std::atoll(env);
+    if (forced > 0) rows = forced;
+  }
   return std::max<int64_t>(1, std::min(n, rows));
 }
 

@@ -60,12 +60,21 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// sum_i exp((x_i - shift) * scale), accumulated in double; NaN anywhere in x gives NaN.
+// Reductions run in T over blocks of kBlock entries (vectorised: one type per loop) and are
+// carried across blocks in double.
+constexpr int64_t kBlock = 1024;
+
+// sum_i exp((x_i - shift) * scale); NaN anywhere in x gives NaN.
 template <typename T>
 inline double row_sumexp(const T* x, int64_t n, T shift, T scale) {
   double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(exp_vec((x[i] - shift) * scale));
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    T part = 0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = b; i < e; ++i) part += exp_vec((x[i] - shift) * scale);
+    acc += static_cast<double>(part);
+  }
   return acc;
 }
 
@@ -131,31 +140,42 @@ double full_pass(const RowContext<T>& c, double alpha, T* scratch, double* slope
   const T ninf = -std::numeric_limits<T>::infinity();
   double d = 0.0, sum = 0.0;
   if (alpha == 1.0) {
-#pragma omp simd reduction(+ : d)
-    for (int64_t i = 0; i < n; ++i) {
-      const T lps = lp_of(s[i], c.ms, c.inv_temp, c.lzs);
-      const T lpt = lp_of(t[i], c.mt, c.inv_temp, c.lzt);
-      const T p = exp_vec(lps);
-      const T sl = lps == ninf ? T(0) : p * (lps - lpt);
-      if (kGrad) {
-        sc[i] = p;
-        s[i] = sl;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t e = std::min(n, b + kBlock);
+      T part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t i = b; i < e; ++i) {
+        const T lps = lp_of(s[i], c.ms, c.inv_temp, c.lzs);
+        const T lpt = lp_of(t[i], c.mt, c.inv_temp, c.lzt);
+        const T p = exp_vec(lps);
+        const T sl = lps == ninf ? T(0) : p * (lps - lpt);
+        if (kGrad) {
+          sc[i] = p;
+          s[i] = sl;
+        }
+        part += sl;
       }
-      d += static_cast<double>(sl);
+      d += static_cast<double>(part);
     }
     sum = d;
   } else if (alpha == 0.0) {
-#pragma omp simd reduction(+ : d, sum)
-    for (int64_t i = 0; i < n; ++i) {
-      const T lps = lp_of(s[i], c.ms, c.inv_temp, c.lzs);
-      const T lpt = lp_of(t[i], c.mt, c.inv_temp, c.lzt);
-      const T pt = exp_vec(lpt);
-      d += static_cast<double>(lpt == ninf ? T(0) : pt * (lpt - lps));
-      sum += static_cast<double>(pt);
-      if (kGrad) {
-        s[i] = exp_vec(lps);
-        sc[i] = pt;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t e = std::min(n, b + kBlock);
+      T part_d = 0, part_pt = 0;
+#pragma omp simd reduction(+ : part_d, part_pt)
+      for (int64_t i = b; i < e; ++i) {
+        const T lps = lp_of(s[i], c.ms, c.inv_temp, c.lzs);
+        const T lpt = lp_of(t[i], c.mt, c.inv_temp, c.lzt);
+        const T pt = exp_vec(lpt);
+        part_d += lpt == ninf ? T(0) : pt * (lpt - lps);
+        part_pt += pt;
+        if (kGrad) {
+          s[i] = exp_vec(lps);
+          sc[i] = pt;
+        }
       }
+      d += static_cast<double>(part_d);
+      sum += static_cast<double>(part_pt);
     }
     sum = -sum;  // the slope is -p_t
   } else {
