@@ -21,7 +21,7 @@ $(VENV)/.deps: $(BIN)/python Makefile
 deps: $(VENV)/.deps
 
 install: deps
-	$(BIN)/pip install --no-build-isolation --no-deps .
+	HSD_STRICT_BUILD=1 $(BIN)/pip install --no-build-isolation --no-deps -e .
 
 test: install
 	$(BIN)/python -m pytest -q tests
