@@ -118,7 +118,7 @@ def run_once(fn, hs, w, device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        value = float(loss)
+        value = float(loss.detach())
         del loss
     hs.grad = w.grad = None
     return elapsed, mem.peak, value

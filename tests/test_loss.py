@@ -430,3 +430,17 @@ def test_forced_backend_via_environment(monkeypatch):
             hsd.select_backend(torch.device("cpu"))
     monkeypatch.delenv("HSD_BACKEND")
     assert hsd.select_backend(torch.device("cpu")).name in ("cpu", "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward_recomputes_gradients(backend):
+    hs, ht, w = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4), torch.randn(11, 4)
+    w.requires_grad_()
+    y = torch.randint(0, 11, (5,))
+    loss = hsd.fused_hindsight_loss(hs, ht, w, y, mode="full", alpha=0.5, backend=backend)
+    (2 * loss).backward(retain_graph=True)
+    first = hs.grad.clone(), w.grad.clone()
+    hs.grad = w.grad = None
+    (2 * loss).backward()
+    close(hs.grad, first[0], 1e-6)
+    close(w.grad, first[1], 1e-6)

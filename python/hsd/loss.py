@@ -229,7 +229,12 @@ def _centred_advantage(run, coef, dense, num_seqs, signal_clip):
 # Autograd: backends return the gradient of sum_i coef_i * token_loss_i with the forward
 # ----------------------------------------------------------------------------------------------
 class _HindsightFunction(torch.autograd.Function):
-    """Calls ``run(coef, advantage, compute_grad)``; differentiable inputs are ``diff_inputs``."""
+    """Calls ``run(coef, advantage, compute_grad)``; differentiable inputs are ``diff_inputs``.
+
+    For a scalar loss the backend returns the gradients with the forward; they are kept on ctx
+    (not saved tensors) and scaled in place, so autograd adopts them as ``.grad`` without a copy
+    (the [V, H] weight gradient is the largest buffer of the whole loss).
+    """
 
     @staticmethod
     def forward(ctx, run, per_token, coef, advantage, *diff_inputs):
@@ -238,22 +243,24 @@ class _HindsightFunction(torch.autograd.Function):
         weighted = torch.where(coef != 0, coef * token_loss, torch.zeros_like(token_loss))
         out = weighted if per_token else weighted.sum()
         ctx.run, ctx.per_token = run, per_token
-        ctx.save_for_backward(coef, advantage, *(g if g is not None else torch.empty(0) for g in grads))
-        ctx.has_grad = [g is not None for g in grads]
+        ctx.grads = None if per_token or not needs_grad else grads
+        ctx.dtypes = [t.dtype for t in diff_inputs]
+        ctx.save_for_backward(coef, advantage)
         ctx.mark_non_differentiable(stats)
         return out, stats
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):
-        coef, advantage, *grads = ctx.saved_tensors
-        if ctx.per_token:
-            _, _, *grads = ctx.run(coef * grad_out.to(coef.dtype), advantage, True)
-            scaled = list(grads)
+        coef, advantage = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:  # per-token loss, or a second backward: recompute with coef = g
+            weights = coef * (grad_out if ctx.per_token else grad_out.expand_as(coef)).to(coef.dtype)
+            _, _, *grads = ctx.run(weights, advantage, True)
         else:
-            scaled = [g * grad_out.to(g.dtype) if has else None for g, has in zip(grads, ctx.has_grad)]
+            grads = [g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in grads]
         result = [None, None, None, None]
-        for g, needed in zip(scaled, ctx.needs_input_grad[4:]):
-            result.append(g if needed else None)
+        for g, needed, dtype in zip(grads, ctx.needs_input_grad[4:], ctx.dtypes):
+            result.append(g.to(dtype) if needed and g is not None else None)
         return tuple(result)
 
 
