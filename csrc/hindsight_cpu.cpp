@@ -18,13 +18,15 @@ namespace hsd {
 
 namespace {
 
-// Logits per chunk buffer: 2^25 floats = 128 MiB; at V = 151936 that is 220 rows.
-constexpr int64_t kChunkElements = int64_t(1) << 25;
-constexpr int64_t kMinChunkRows = 64;
+// Student + teacher logits of one chunk: 2^24 floats = 64 MiB (55 rows a side at V = 151936).
+// Besides the [V, H] weight gradient this is the loss's whole extra memory, so it is kept
+// small; the two sides share one GEMM per chunk, which keeps W's passes per chunk at three.
+constexpr int64_t kChunkElements = int64_t(1) << 24;
+constexpr int64_t kMinChunkRows = 32;
 
 // Rows per chunk; HSD_CPU_CHUNK_ROWS overrides it (tests use it to cross chunk boundaries).
 int64_t chunk_rows(int64_t n, int64_t vocab) {
-  int64_t rows = std::max(kMinChunkRows, kChunkElements / std::max<int64_t>(vocab, 1));
+  int64_t rows = std::max(kMinChunkRows, kChunkElements / (2 * std::max<int64_t>(vocab, 1)));
   if (const char* env = std::getenv("HSD_CPU_CHUNK_ROWS")) {
     const int64_t forced = std::atoll(env);
     if (forced > 0) rows = forced;
@@ -117,6 +119,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_cpu(
   return {loss, stats, grad};
 }
 
+// Whether two (optional) tensors are the same view of the same memory: a detached alias of
+// the student's head is still the student's head.
+bool same_view(const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& b) {
+  if (!a.has_value() || !b.has_value()) return a.has_value() == b.has_value();
+  return a->data_ptr() == b->data_ptr() && a->sizes() == b->sizes() &&
+         a->strides() == b->strides() && a->scalar_type() == b->scalar_type();
+}
+
 // Logits of a chunk into ``out``: out = x @ w^T (+ b).
 void project(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
              const c10::optional<at::Tensor>& b) {
@@ -154,9 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
 
   const at::Tensor w = weight.to(acc).contiguous();
   // the teacher usually shares the student's head: reuse the converted copy
-  const at::Tensor tw = teacher_weight.is_same(weight) ? w : teacher_weight.to(acc).contiguous();
+  const bool shared_head = same_view(teacher_weight, weight) && same_view(teacher_bias, bias);
+  const at::Tensor tw = shared_head ? w : teacher_weight.to(acc).contiguous();
   const auto b = to_acc(bias, acc);
-  const auto tb = to_acc(teacher_bias, acc);
+  const auto tb = shared_head ? b : to_acc(teacher_bias, acc);
   const auto target = target_ids.has_value() ? c10::optional<at::Tensor>(target_ids->contiguous())
                                              : c10::nullopt;
   const at::Tensor coef_acc = coef.to(acc).contiguous();
@@ -171,16 +182,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
   if (n == 0) return {loss, stats, grad_h, grad_w, grad_b};
 
   const int64_t step = chunk_rows(n, vocab);
-  at::Tensor s_buf = at::empty({step, vocab}, opts), t_buf = at::empty({step, vocab}, opts);
+  // rows [0, len) hold the student's logits, rows [len, 2 len) the teacher's
+  at::Tensor logits_buf = at::empty({2 * step, vocab}, opts);
+  at::Tensor hidden_buf = at::empty({2 * step, weight.size(1)}, opts);
   const at::Tensor ones = at::ones({step}, opts);
   const bool same_dtype = student_hidden.scalar_type() == acc;
   for (int64_t i = 0; i < n; i += step) {
     const int64_t len = std::min(step, n - i);
-    const at::Tensor h = student_hidden.narrow(0, i, len).to(acc);
-    const at::Tensor th = teacher_hidden.narrow(0, i, len).to(acc);
-    at::Tensor s = s_buf.narrow(0, 0, len), t = t_buf.narrow(0, 0, len);
-    project(s, h, w, b);
-    project(t, th, tw, tb);
+    at::Tensor both = logits_buf.narrow(0, 0, 2 * len);
+    at::Tensor s = both.narrow(0, 0, len), t = both.narrow(0, len, len);
+    at::Tensor h = hidden_buf.narrow(0, 0, len), th = hidden_buf.narrow(0, len, len);
+    h.copy_(student_hidden.narrow(0, i, len));
+    th.copy_(teacher_hidden.narrow(0, i, len));
+    if (shared_head) {
+      project(both, hidden_buf.narrow(0, 0, 2 * len), w, b);  // one pass over W for both sides
+    } else {
+      project(s, h, w, b);
+      project(t, th, tw, tb);
+    }
     run_rows(spec, s, t, rows_of(target, i, len), coef_acc.narrow(0, i, len),
              rows_of(adv_acc, i, len), loss.narrow(0, i, len), stats.narrow(0, i, len));
     if (!compute_grad) continue;
