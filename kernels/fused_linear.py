@@ -10,8 +10,10 @@ Per chunk of ``rows`` tokens (a memory budget, :data:`CHUNK_ELEMENTS` logits per
 2. :func:`hsd_rows_kernel`, one program per token row: online softmax statistics of both
    sides, the divergence, and grad_logits written in the input dtype (in place over the
    student logits when those have that dtype). Top-k support ids come from ``torch.topk`` on
-   the chunk (per-row selection is a sort, which cuda's topk already does well); the kernel
-   takes them and the on-support gradients are scattered afterwards;
+   the chunk (per-row selection is a sort, which torch's topk already does well); the kernel
+   takes them and the on-support gradients are scattered afterwards. With a bias, top-k mode
+   ranks float32 biased logits that are bit-identical to the kernel's (it compares each
+   entry against the k-th ranked logit to sum the tail mass);
 3. grad_hidden = grad_logits @ W and grad_W += grad_logits^T @ h on the tensor cores, grad_W
    accumulated in float32 straight from bf16 operands (``out_dtype``), grad_b += column sums.
 
@@ -161,18 +163,24 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
         kernel_bias = (bias, teacher_bias) if bias is not None else (None, None)
         ids = None
         if mode == TOPK:
-            if bias is not None:  # topk ranks biased logits: add the biases in place once
+            # topk ranks the biased logits and the kernel compares against the k-th of them:
+            # both must see the same float32 values
+            ranked, ranked_bias = (t, teacher_bias) if topk_from_teacher else (s, bias)
+            if bias is not None and s.dtype == torch.float32:  # add the biases in place once
                 s.add_(bias)
                 t.add_(teacher_bias)
                 kernel_bias = (None, None)
-            ids = (t if topk_from_teacher else s).topk(topk, 1, sorted=False).indices
+            elif bias is not None:  # half logits: rank a float32 biased copy (the kernel's sum)
+                ranked = ranked.float() + ranked_bias.float()
+            ids = ranked.topk(topk, 1, sorted=False).indices
         g = (s if grad_buf is None else grad_buf[:c]) if compute_grad else None
         sup = on_support[:c] if on_support is not None else None
         launch_rows(s, t, g, loss[start:stop], stats[start:stop],
                     target_ids[start:stop] if target_ids is not None else None,
                     coef[start:stop], advantage[start:stop] if advantage is not None else None,
                     ids, sup, mode, alpha, temperature, tail, signal_clip, kl_clip, compute_grad,
-                    student_bias=kernel_bias[0], teacher_bias=kernel_bias[1])
+                    topk_from_teacher=topk_from_teacher, student_bias=kernel_bias[0],
+                    teacher_bias=kernel_bias[1])
         if not compute_grad:
             continue
         if sup is not None:

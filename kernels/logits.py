@@ -41,7 +41,7 @@ def logits_terms(student_logits: Tensor, teacher_logits: Tensor, target_ids: Opt
                 coef.float().contiguous(),
                 advantage.float().contiguous() if advantage is not None else None,
                 ids, on_support, mode, alpha, temperature, tail, signal_clip, kl_clip,
-                compute_grad)
+                compute_grad, topk_from_teacher=topk_from_teacher)
     if on_support is not None:
         grad.scatter_(1, ids, on_support.to(grad.dtype))
     return loss, stats, grad

@@ -1,24 +1,35 @@
 """The per-row Triton kernel: softmax statistics, divergence and grad_logits for one token row.
 
 One program owns one token row of student logits ``S`` and teacher logits ``T`` (any float
-dtype, upcast to float32 in registers) and walks the vocabulary in ``BLOCK_V`` tiles:
+dtype, upcast to float32 in registers; an optional bias is added as each tile is loaded) and
+walks the vocabulary in ``BLOCK_V`` tiles:
 
 * pass 1: online max / sum-exp for both sides (one exp per element per side, a scalar rescale
-  per tile), the target logits, and, for forward / reverse KL, the online sum of
-  ``p * (log p - log q)`` so that those divergences need no second pass;
+  per tile), and for forward / reverse KL the online sum of ``p * (log p - log q)``, so those
+  divergences need no second pass; top-k with a tail also sums the off-support mass here;
 * pass 2 (generalised JSD only): the mixture needs both final log-normalisers, so the
   divergence and the row sum of the slope take one more pass;
 * gradient pass (``COMPUTE_GRAD``): writes ``d(coef * token_loss) / d logits`` for the row into
-  ``G`` (which may alias ``S``: each element is read before it is overwritten by the same program).
+  ``G`` (which may alias ``S``: each element is read before the same program overwrites it).
 
-Top-k mode receives the support ids (chosen by ``torch.topk`` outside the kernel), gathers the
-k support logits per side into registers, computes the bucket divergence there, writes
-``p * c_row`` for every vocabulary entry (the off-support chain rule through the tail bucket,
-or 0 without the tail) and the k on-support gradients to ``ONSUP``; the caller scatters those
-over the row.
+Top-k mode receives the support ids (chosen by ``torch.topk`` outside the kernel: selection is
+a sort, which this kernel does not need to redo), gathers the k support logits per side into
+registers, computes the bucket divergence there, writes ``p * c_row`` for every vocabulary
+entry (the off-support chain rule through the tail bucket, or 0 without the tail) and the k
+on-support gradients to ``ONSUP``; the caller scatters those over the row.
 
-The math mirrors :func:`hsd.backends.torch_chunked.token_terms` line for line.
+The math is :func:`hsd.backends.torch_chunked.token_terms`, rearranged where float32 would
+otherwise cancel |logits|-sized terms (logits of 1e4 are tested):
+
+* log p = (x - m) / T - log z, with the running maximum m in raw logit units;
+* reverse KL (full and top-k): grad = p (delta - E_p[delta]) with delta = log p - log q taken
+  relative to its value at the dominant entry, instead of slope - p * sum(slope);
+* the tail mass is summed over the off-support entries (those below the k-th ranked logit),
+  not taken as 1 - sum(p_support); without a tail the support renormalises from raw logit
+  differences.
 """
+
+import math
 
 import triton
 import triton.language as tl
@@ -29,12 +40,12 @@ NEG_BIG = -1e30  # finite start for running maxima: exp(-inf - NEG_BIG) is 0, ne
 
 
 @triton.jit
-def _load_scaled(row_ptr, bias_ptr, offs, mask, inv_temp, HAS_BIAS: tl.constexpr):
-    """(logits + bias) / T in float32 at ``offs``; -inf where masked off."""
+def _load_logits(row_ptr, bias_ptr, offs, mask, HAS_BIAS: tl.constexpr):
+    """logits + bias in float32 at ``offs`` (not yet divided by T); -inf where masked off."""
     x = tl.load(row_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
         x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    return x * inv_temp
+    return x
 
 
 @triton.jit
@@ -73,7 +84,8 @@ def hsd_rows_kernel(
     S, T, BS, BT, G, LOSS, STATS, TGT, COEF, ADV, IDS, ONSUP,
     V, K, stride_s, stride_t, stride_g,
     inv_temp, alpha, log_ws, log_wt, signal_clip, kl_clip,
-    MODE: tl.constexpr, ALPHA_KIND: tl.constexpr, TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    MODE: tl.constexpr, ALPHA_KIND: tl.constexpr, TAIL: tl.constexpr,
+    RANK_TEACHER: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_TARGET: tl.constexpr, HAS_ADV: tl.constexpr, CLIP_SIGNAL: tl.constexpr,
     CLIP_KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -83,6 +95,9 @@ def hsd_rows_kernel(
     t_row = T + row * stride_t
     lanes = tl.arange(0, BLOCK_V)
     NEG_INF = float("-inf")
+    # Maxima are kept in raw logit units and differences are scaled by 1/T afterwards:
+    # log p = (x - m) / T - log z, where x - m is exact near the maximum. Even with |logits|
+    # ~ 1e4, log p of the dominant entries keeps float32 precision (x / T - lse would not).
 
     # pass 1: online softmax statistics of both sides (+ the KL sum for alpha in {0, 1})
     m_s = tl.full([], NEG_BIG, tl.float32)
@@ -90,33 +105,65 @@ def hsd_rows_kernel(
     z_s = tl.full([], 0.0, tl.float32)
     z_t = tl.full([], 0.0, tl.float32)
     kl_acc = tl.full([], 0.0, tl.float32)
+    shift = tl.full([], 0.0, tl.float32)  # reverse KL: (s - t) / T at the running student argmax
+    # top-k with a tail: the tail mass summed directly over the off-support entries (those
+    # ranked below the k-th support logit); 1 - sum(p_support) would cancel catastrophically
+    zt_s = tl.full([], 0.0, tl.float32)
+    zt_t = tl.full([], 0.0, tl.float32)
+    if MODE == 2:
+        k_lanes = tl.arange(0, BLOCK_K)
+        k_in = k_lanes < K
+        ids = tl.load(IDS + row * K + k_lanes, mask=k_in, other=0)
+        raw_s = _load_logits(s_row, BS, ids, k_in, HAS_BIAS)
+        raw_t = _load_logits(t_row, BT, ids, k_in, HAS_BIAS)
+        if RANK_TEACHER:
+            kth = tl.min(tl.where(k_in, raw_t, float("inf")), 0)
+        else:
+            kth = tl.min(tl.where(k_in, raw_s, float("inf")), 0)
     for start in range(0, V, BLOCK_V):
         offs = start + lanes
         inside = offs < V
-        s = _load_scaled(s_row, BS, offs, inside, inv_temp, HAS_BIAS)
-        t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
-        new_s = tl.maximum(m_s, tl.max(s, 0))
+        s = _load_logits(s_row, BS, offs, inside, HAS_BIAS)
+        t = _load_logits(t_row, BT, offs, inside, HAS_BIAS)
+        tile_max_s = tl.max(s, 0)
+        new_s = tl.maximum(m_s, tile_max_s)
         new_t = tl.maximum(m_t, tl.max(t, 0))
-        r_s = tl.exp(m_s - new_s)
-        r_t = tl.exp(m_t - new_t)
-        e_s = tl.exp(s - new_s)
-        e_t = tl.exp(t - new_t)
+        r_s = tl.exp((m_s - new_s) * inv_temp)
+        r_t = tl.exp((m_t - new_t) * inv_temp)
+        e_s = tl.exp((s - new_s) * inv_temp)
+        e_t = tl.exp((t - new_t) * inv_temp)
+        if MODE == 1:
+            if ALPHA_KIND == 1:
+                # sum exp(s - m_s) ((s - t) / T - shift): relative to the gap at the argmax,
+                # so a near one-hot row sums small terms, not |logits|-sized ones that cancel
+                gap = (s - t) * inv_temp
+                tile_shift = tl.max(tl.where(s == tile_max_s, gap, NEG_INF), 0)
+                new_shift = tl.where(tile_max_s > m_s, tile_shift, shift)
+                terms = tl.where(s > NEG_INF, e_s * (gap - new_shift), 0.0)
+                kl_acc = (kl_acc + z_s * (shift - new_shift)) * r_s + tl.sum(terms, 0)
+                shift = new_shift
+            elif ALPHA_KIND == 0:
+                gap = tl.where(t > NEG_INF, e_t * ((t - s) * inv_temp), 0.0)
+                kl_acc = kl_acc * r_t + tl.sum(gap, 0)
+        if MODE == 2:
+            if TAIL:
+                if RANK_TEACHER:
+                    off = t < kth
+                else:
+                    off = s < kth
+                zt_s = zt_s * r_s + tl.sum(tl.where(off, e_s, 0.0), 0)
+                zt_t = zt_t * r_t + tl.sum(tl.where(off, e_t, 0.0), 0)
         z_s = z_s * r_s + tl.sum(e_s, 0)
         z_t = z_t * r_t + tl.sum(e_t, 0)
-        if MODE == 1:
-            if ALPHA_KIND == 1:  # sum exp(s - m_s) * (s - t), rescaled with the student max
-                kl_acc = kl_acc * r_s + tl.sum(tl.where(s > NEG_INF, e_s * (s - t), 0.0), 0)
-            elif ALPHA_KIND == 0:
-                kl_acc = kl_acc * r_t + tl.sum(tl.where(t > NEG_INF, e_t * (t - s), 0.0), 0)
         m_s = new_s
         m_t = new_t
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+    lz_s = tl.log(z_s)
+    lz_t = tl.log(z_t)
 
     if HAS_TARGET:
         y = tl.load(TGT + row)
-        lp_s_y = _load_scaled(s_row, BS, y, y >= 0, inv_temp, HAS_BIAS) - lse_s
-        lp_t_y = _load_scaled(t_row, BT, y, y >= 0, inv_temp, HAS_BIAS) - lse_t
+        lp_s_y = (_load_logits(s_row, BS, y, y >= 0, HAS_BIAS) - m_s) * inv_temp - lz_s
+        lp_t_y = (_load_logits(t_row, BT, y, y >= 0, HAS_BIAS) - m_t) * inv_temp - lz_t
     else:
         y = -1
         lp_s_y = tl.full([], 0.0, tl.float32)
@@ -135,35 +182,30 @@ def hsd_rows_kernel(
         div = -adv
     elif MODE == 1:
         if ALPHA_KIND == 1:
-            mean_gap = kl_acc / z_s
-            div = mean_gap - lse_s + lse_t
+            mean_gap = kl_acc / z_s  # E_p[(s - t) / T] - shift
+            div = (shift + mean_gap) - (m_s - m_t) * inv_temp - (lz_s - lz_t)
         elif ALPHA_KIND == 0:
-            div = kl_acc / z_t - lse_t + lse_s
+            div = kl_acc / z_t - (m_t - m_s) * inv_temp - (lz_t - lz_s)
         else:  # pass 2: the mixture needs both final log-normalisers
             d_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
             sl_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
             for start in range(0, V, BLOCK_V):
                 offs = start + lanes
                 inside = offs < V
-                s = _load_scaled(s_row, BS, offs, inside, inv_temp, HAS_BIAS)
-                t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
-                d, sl = _div_and_slope(s - lse_s, t - lse_t, alpha, log_ws, log_wt, ALPHA_KIND)
+                lp = (_load_logits(s_row, BS, offs, inside, HAS_BIAS) - m_s) * inv_temp - lz_s
+                lq = (_load_logits(t_row, BT, offs, inside, HAS_BIAS) - m_t) * inv_temp - lz_t
+                d, sl = _div_and_slope(lp, lq, alpha, log_ws, log_wt, ALPHA_KIND)
                 d_vec += tl.where(inside, d, 0.0)
                 sl_vec += tl.where(inside, sl, 0.0)
             div = tl.sum(d_vec, 0)
             slope_sum = tl.sum(sl_vec, 0)
         loss = div
     else:
-        k_lanes = tl.arange(0, BLOCK_K)
-        k_in = k_lanes < K
-        ids = tl.load(IDS + row * K + k_lanes, mask=k_in, other=0)
-        sup_s = _load_scaled(s_row, BS, ids, k_in, inv_temp, HAS_BIAS) - lse_s
-        sup_t = _load_scaled(t_row, BT, ids, k_in, inv_temp, HAS_BIAS) - lse_t
-        sup_s = tl.where(k_in, sup_s, NEG_INF)
-        sup_t = tl.where(k_in, sup_t, NEG_INF)
+        sup_s = tl.where(k_in, (raw_s - m_s) * inv_temp - lz_s, NEG_INF)
+        sup_t = tl.where(k_in, (raw_t - m_t) * inv_temp - lz_t, NEG_INF)
         if TAIL:
-            tail_s = tl.maximum(1.0 - tl.sum(tl.exp(sup_s), 0), 0.0)
-            tail_t = tl.maximum(1.0 - tl.sum(tl.exp(sup_t), 0), 0.0)
+            tail_s = zt_s / z_s
+            tail_t = zt_t / z_t
             d_sup, sl_sup = _div_and_slope(sup_s, sup_t, alpha, log_ws, log_wt, ALPHA_KIND)
             d_tail, sl_tail = _div_and_slope(tl.log(tail_s), tl.log(tail_t), alpha, log_ws,
                                              log_wt, ALPHA_KIND)
@@ -175,16 +217,39 @@ def hsd_rows_kernel(
             per_tail = tl.where(tail_s > 0, sl_tail / tl.maximum(tail_s, 1e-38), 0.0)
             tail_coef = -sup_slope + (1.0 - tail_s) * per_tail
             on_sup = sl_sup - tl.exp(sup_s) * (sup_slope + sl_tail)
+            if ALPHA_KIND == 1:
+                # the same as p (delta - E_p[delta]), delta = lp - lq per bucket, centred on
+                # the dominant bucket: no cancellation of |logits|-sized terms
+                p_sup = tl.exp(sup_s)
+                delta = tl.where(k_in & (sup_s > NEG_INF), sup_s - sup_t, 0.0)
+                centre = tl.max(tl.where(p_sup == tl.max(p_sup, 0), delta, NEG_INF), 0)
+                delta_tail = tl.log(tail_s) - tl.log(tail_t)
+                spread = tl.sum(p_sup * (delta - centre), 0) \
+                    + tl.where(tail_s > 0, tail_s * (delta_tail - centre), 0.0)
+                on_sup = tl.where(k_in, p_sup * ((delta - centre) - spread), 0.0)
+                tail_coef = tl.where(tail_s > 0, (delta_tail - centre) - spread, -sup_slope)
         else:
+            # renormalised from raw logit differences: exact where the support sits far below
+            # the row maximum (a teacher-ranked support), unlike differences of log p / T
+            sup_s = tl.where(k_in, raw_s, NEG_INF)
+            sup_t = tl.where(k_in, raw_t, NEG_INF)
             top_s = tl.max(sup_s, 0)
             top_t = tl.max(sup_t, 0)
-            ren_s = sup_s - (top_s + tl.log(tl.sum(tl.exp(sup_s - top_s), 0)))
-            ren_t = sup_t - (top_t + tl.log(tl.sum(tl.exp(sup_t - top_t), 0)))
+            ren_s = (sup_s - top_s) * inv_temp
+            ren_t = (sup_t - top_t) * inv_temp
+            ren_s = ren_s - tl.log(tl.sum(tl.exp(ren_s), 0))
+            ren_t = ren_t - tl.log(tl.sum(tl.exp(ren_t), 0))
             d_sup, sl_sup = _div_and_slope(ren_s, ren_t, alpha, log_ws, log_wt, ALPHA_KIND)
             d_sup = tl.where(k_in, d_sup, 0.0)
             sl_sup = tl.where(k_in, sl_sup, 0.0)
             div = tl.sum(d_sup, 0)
             on_sup = sl_sup - tl.exp(ren_s) * tl.sum(sl_sup, 0)
+            if ALPHA_KIND == 1:  # centred on the dominant entry, as above
+                p_ren = tl.exp(ren_s)
+                delta = tl.where(k_in & (ren_s > NEG_INF), ren_s - ren_t, 0.0)
+                centre = tl.max(tl.where(p_ren == tl.max(p_ren, 0), delta, NEG_INF), 0)
+                spread = tl.sum(p_ren * (delta - centre), 0)
+                on_sup = tl.where(k_in, p_ren * ((delta - centre) - spread), 0.0)
         loss = div
 
     keep = tl.full([], 1, tl.int1)
@@ -212,24 +277,25 @@ def hsd_rows_kernel(
             if MODE == 2 and not TAIL:
                 g = tl.zeros([BLOCK_V], dtype=tl.float32)
             else:
-                s = _load_scaled(s_row, BS, offs, inside, inv_temp, HAS_BIAS)
-                lp = s - lse_s
+                s = _load_logits(s_row, BS, offs, inside, HAS_BIAS)
+                lp = (s - m_s) * inv_temp - lz_s
                 p = tl.exp(lp)
                 if MODE == 0:  # d(-a log p_y)/ds = a (p - onehot_y)
                     g = a * p - tl.where(offs == y, a, 0.0)
                 elif MODE == 2:
                     g = p * tail_coef
                 elif ALPHA_KIND == 0:  # slope -q, its row sum -1
-                    t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
-                    g = p - tl.exp(t - lse_t)
+                    t = _load_logits(t_row, BT, offs, inside, HAS_BIAS)
+                    g = p - tl.exp((t - m_t) * inv_temp - lz_t)
                 elif ALPHA_KIND == 1:
-                    # p (lp - lq) - p D = p ((s - t) - E_p[s - t]): the normalisers cancel
-                    # exactly, so near one-hot rows give 0, not the rounding of |logits|
-                    t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
-                    g = tl.where(s > NEG_INF, p * ((s - t) - mean_gap), 0.0)
+                    # p (lp - lq) - p D = p ((s - t) / T - E_p[(s - t) / T]): the normalisers
+                    # cancel exactly, so near one-hot rows give 0, not rounding noise
+                    t = _load_logits(t_row, BT, offs, inside, HAS_BIAS)
+                    g = tl.where(s > NEG_INF, p * (((s - t) * inv_temp - shift) - mean_gap), 0.0)
                 else:
-                    t = _load_scaled(t_row, BT, offs, inside, inv_temp, HAS_BIAS)
-                    d, sl = _div_and_slope(lp, t - lse_t, alpha, log_ws, log_wt, ALPHA_KIND)
+                    t = _load_logits(t_row, BT, offs, inside, HAS_BIAS)
+                    d, sl = _div_and_slope(lp, (t - m_t) * inv_temp - lz_t, alpha, log_ws,
+                                           log_wt, ALPHA_KIND)
                     g = sl - p * slope_sum
             g = tl.where(active, g * scale, 0.0)
             tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=inside)
@@ -241,15 +307,14 @@ def _interpreting(device) -> bool:
 
 def launch_rows(student, teacher, grad, loss, stats, target_ids, coef, advantage, ids, on_support,
                 mode, alpha, temperature, tail, signal_clip, kl_clip, compute_grad,
-                student_bias=None, teacher_bias=None, block_v=None):
-    """Run :func:`hsd_rows_kernel` over the rows of ``student`` / ``teacher`` ([n, V], unit last stride).
+                topk_from_teacher=False, student_bias=None, teacher_bias=None, block_v=None):
+    """Run :func:`hsd_rows_kernel` over the rows of ``student`` / ``teacher`` ([n, V], unit stride
+    along V).
 
     ``grad`` ([n, V], may be ``student`` itself) receives grad_logits when ``compute_grad``;
     top-k mode also needs ``ids`` [n, k] and writes ``on_support`` [n, k] (float32). The optional
     [V] biases are added to the logits as they are loaded (both or neither).
     """
-    import math
-
     n, vocab = student.shape
     if n == 0:
         return
@@ -274,7 +339,9 @@ def launch_rows(student, teacher, grad, loss, stats, target_ids, coef, advantage
         ids if ids is not None else dummy, on_support if on_support is not None else dummy,
         vocab, k, student.stride(0), teacher.stride(0), g.stride(0),
         1.0 / temperature, float(alpha), log_ws, log_wt, float(signal_clip), float(kl_clip),
-        MODE=mode, ALPHA_KIND=alpha_kind, TAIL=bool(tail), HAS_BIAS=has_bias, HAS_TARGET=target_ids is not None,
+        MODE=mode, ALPHA_KIND=alpha_kind, TAIL=bool(tail),
+        RANK_TEACHER=bool(topk_from_teacher), HAS_BIAS=has_bias,
+        HAS_TARGET=target_ids is not None,
         HAS_ADV=advantage is not None, CLIP_SIGNAL=signal_clip > 0, CLIP_KL=kl_clip > 0,
         COMPUTE_GRAD=bool(compute_grad), BLOCK_V=block_v,
         BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps,

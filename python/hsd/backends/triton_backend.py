@@ -2,7 +2,8 @@
 
 CUDA tensors run compiled kernels; CPU tensors run under Triton's interpreter when
 ``TRITON_INTERPRET=1`` was set before the first kernel import (tests and debugging only).
-The kernels are imported lazily, on first use, so ``import hsd`` never pays for Triton.
+The kernels are imported by :func:`is_available` (the dispatcher's first look at this
+backend), never by ``import hsd``.
 Float64 inputs (a checking dtype) go to the portable torch backend. See ``kernels/`` for the
 design: cuBLAS GEMMs for logits and gradients, one Triton program per token row for the
 softmax statistics, divergence and grad_logits, everything inside two ``torch.library``
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,7 +24,8 @@ import torch
 from . import torch_chunked
 
 name = "triton"
-_state: dict = {}
+logger = logging.getLogger("hsd")
+_state: dict = {}  # cached: whether triton imports, and the loaded kernels package
 
 
 def _triton_importable() -> bool:
@@ -47,7 +50,7 @@ def is_available() -> bool:
     try:
         kernels()
     except ImportError as err:
-        _state.setdefault("error", err)
+        logger.debug("hsd triton kernels unavailable: %s", err)
         return False
     return True
 
