@@ -55,6 +55,12 @@ class DivergenceSpec:
     signal_clip: float = 0.0  # <= 0: no clip
     kl_clip: float = 0.0  # <= 0: no clip
 
+    def op_args(self) -> tuple:
+        """The scalar arguments of the compiled ops, in their schema's order."""
+        return (int(self.mode), float(self.alpha), float(self.temperature), int(self.topk),
+                bool(self.topk_from_teacher), bool(self.tail), float(self.signal_clip),
+                float(self.kl_clip))
+
 
 def _load(name: str):
     """Import a backend module by name; None when it cannot run in this environment."""

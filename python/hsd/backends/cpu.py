@@ -22,17 +22,13 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _spec_args(spec, compute_grad):
-    return (spec.mode, spec.alpha, spec.temperature, spec.topk, spec.topk_from_teacher,
-            spec.tail, spec.signal_clip, spec.kl_clip, bool(compute_grad))
-
 
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
           coef, advantage, spec, compute_grad):
     """The contract's ``fused`` (see :mod:`hsd.backends`)."""
     loss, stats, grad_h, grad_w, grad_b = torch.ops.hsd.fused_hindsight(
         student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-        coef, advantage, *_spec_args(spec, compute_grad))
+        coef, advantage, *spec.op_args(), bool(compute_grad))
     if not compute_grad:
         return loss, stats, None, None, None
     return loss, stats, grad_h, grad_w, grad_b if bias is not None else None
@@ -42,5 +38,5 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
     """The contract's ``logits`` (see :mod:`hsd.backends`)."""
     loss, stats, grad = torch.ops.hsd.hindsight_from_logits(
         student_logits, teacher_logits, target_ids, coef, advantage,
-        *_spec_args(spec, compute_grad))
+        *spec.op_args(), bool(compute_grad))
     return loss, stats, grad if compute_grad else None

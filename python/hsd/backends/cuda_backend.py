@@ -25,10 +25,6 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _spec_args(spec, compute_grad):
-    return (spec.mode, spec.alpha, spec.temperature, spec.topk, spec.topk_from_teacher,
-            spec.tail, spec.signal_clip, spec.kl_clip, bool(compute_grad))
-
 
 _MM_OUT_DTYPE = None  # whether torch.mm(..., out_dtype=float32) works for half inputs here
 
@@ -55,7 +51,7 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
                                     spec, compute_grad)
     loss, stats, grad = torch.ops.hsd.hindsight_from_logits(
         student_logits, teacher_logits.to(student_logits.dtype), target_ids, coef, advantage,
-        *_spec_args(spec, compute_grad))
+        *spec.op_args(), bool(compute_grad))
     return loss, stats, grad if compute_grad else None
 
 
@@ -85,7 +81,7 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
             t += teacher_bias.float()
         loss_i, stats_i, g = torch.ops.hsd.hindsight_from_logits(
             s, t, None if target_ids is None else target_ids[rows], coef[rows],
-            None if advantage is None else advantage[rows], *_spec_args(spec, compute_grad))
+            None if advantage is None else advantage[rows], *spec.op_args(), bool(compute_grad))
         token_loss[rows], stats[rows] = loss_i, stats_i
         del s, t
         if compute_grad:

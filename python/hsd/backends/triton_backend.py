@@ -86,11 +86,6 @@ def kernels():
     return mod
 
 
-def _spec_args(spec):
-    return (spec.mode, float(spec.alpha), float(spec.temperature), int(spec.topk),
-            bool(spec.topk_from_teacher), bool(spec.tail), float(spec.signal_clip),
-            float(spec.kl_clip))
-
 
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
     """Contract ``logits``: (token_loss [N] f32, stats [N, 4] f32, grad_student_logits or None)."""
@@ -102,7 +97,7 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
     loss, stats, grad = torch.ops.hsd.triton_logits(
         student_logits.detach(), teacher_logits.detach().to(student_logits.dtype), target_ids,
         coef.detach(), advantage.detach() if advantage is not None else None,
-        *_spec_args(spec), bool(compute_grad))
+        *spec.op_args(), bool(compute_grad))
     return loss, stats, grad if compute_grad else None
 
 
@@ -116,7 +111,7 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
     detach = (lambda x: None if x is None else x.detach())
     loss, stats, gh, gw, gb = torch.ops.hsd.triton_fused_linear(
         *map(detach, (student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias)),
-        target_ids, coef.detach(), detach(advantage), *_spec_args(spec), bool(compute_grad))
+        target_ids, coef.detach(), detach(advantage), *spec.op_args(), bool(compute_grad))
     if not compute_grad:
         return loss, stats, None, None, None
     return loss, stats, gh, gw, gb if bias is not None else None
