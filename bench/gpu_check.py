@@ -7,6 +7,7 @@ warm-up) and reports:
             and the two gradient GEMMs every fused loss must do
   x liger   time / Liger's LigerFusedLinearJSD time (when a Liger wheel is installed)
   peak      extra peak memory over the inputs
+  loss err  relative difference of the loss from eager's (Liger's JSD has its own normalisation)
 
 ``--dry-run`` runs the same code on tiny shapes on the CPU (Triton through its interpreter), so
 the script itself is checked where there is no GPU.
@@ -73,9 +74,12 @@ def check_shape(t, h, v, mode, alpha, dtype, device, repeats, rate):
         rows.append({"impl": kind, "median_s": med, "peak_mib": max(r[1] for r in runs) / 2**20,
                      "loss": runs[-1][2], "x_floor": med / (8 * t * h * v / rate)})
     liger = next((r for r in rows if r["impl"] == "liger" and "median_s" in r), None)
+    eager = next((r for r in rows if r["impl"] == "eager" and "median_s" in r), None)
     for r in rows:
         if liger and "median_s" in r:
             r["x_liger"] = r["median_s"] / liger["median_s"]
+        if eager and "loss" in r:  # every implementation must agree on the value it times
+            r["loss_rel_err"] = abs(r["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-12)
     return rows
 
 
@@ -107,13 +111,15 @@ def main(argv=None):
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "gemm_tflops": rate / 1e12, "rows": table}, indent=2))
-    print(f"\n{'shape':24s} {'mode':12s} {'impl':12s} {'ms':>9s} {'x floor':>8s} {'x liger':>8s} {'peak MiB':>9s}")
+    print(f"\n{'shape':24s} {'mode':12s} {'impl':12s} {'ms':>9s} {'x floor':>8s} {'x liger':>8s} "
+          f"{'peak MiB':>9s} {'loss err':>9s}")
     for r in table:
         if "error" in r:
             print(f"{r['shape']:24s} {r['mode']:12s} {r['impl']:12s} {r['error']}")
             continue
         print(f"{r['shape']:24s} {r['mode']:12s} {r['impl']:12s} {r['median_s'] * 1e3:9.2f} "
-              f"{r['x_floor']:8.2f} {r.get('x_liger', float('nan')):8.2f} {r['peak_mib']:9.0f}")
+              f"{r['x_floor']:8.2f} {r.get('x_liger', float('nan')):8.2f} {r['peak_mib']:9.0f} "
+              f"{r.get('loss_rel_err', float('nan')):9.1e}")
 
 
 if __name__ == "__main__":
