@@ -156,9 +156,10 @@ def _prepare_targets(target_ids, n, vocab_size, device, ignore_index):
         raise ValueError(f"target_ids has {target_ids.shape[0]} entries for {n} tokens")
     target_ids = target_ids.long()
     ignored = target_ids == ignore_index
-    live = target_ids[~ignored]
-    if live.numel() and (int(live.min()) < 0 or int(live.max()) >= vocab_size):
-        bad = live[(live < 0) | (live >= vocab_size)][0].item()
+    # one host sync: an out-of-range id would otherwise be a device-side assert in a kernel
+    out_of_range = ~ignored & ((target_ids < 0) | (target_ids >= vocab_size))
+    if not torch.compiler.is_compiling() and bool(out_of_range.any()):
+        bad = target_ids[out_of_range][0].item()
         raise ValueError(f"target id {bad} is out of range for a vocabulary of {vocab_size}")
     return torch.where(ignored, torch.zeros_like(target_ids), target_ids), ignored
 
