@@ -161,3 +161,12 @@ def test_default_builder_appends_to_the_last_user_message_only():
 def test_interaction_tuple_is_a_plain_record():
     t = InteractionTuple(x=[{"role": "user", "content": "u"}], y="y", o="o", conversation_id="c", turn_index=0, message_index=1)
     assert t.to_row()["completion"] == {"from": "gpt", "value": "y"}
+
+
+def test_group_by_conversation_splits_conversations_that_share_an_id():
+    # WildChat's conversation_hash repeats for repeated conversations; each must stay its own group,
+    # else the packed layout scores one response twice or rejects a valid conversation.
+    twin = conv(("user", "u0"), ("assistant", "a1"), ("user", "u1"), ("assistant", "a2"), ("user", "u2"))
+    other = conv(("user", "v0"), ("assistant", "b1"), ("user", "v1"), ("assistant", "b2"), ("user", "v2"))
+    groups = list(group_by_conversation(extract_tuples([BASIC, twin, other])))
+    assert [[t.y for t in g] for g in groups] == [["a1", "a2"], ["a1", "a2"], ["b1", "b2"]]

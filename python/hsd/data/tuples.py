@@ -216,11 +216,27 @@ def extract_tuples(
         yield from conversation_tuples(conversation, filters, report)
 
 
+def _continues(t: InteractionTuple, previous: InteractionTuple) -> bool:
+    """Whether ``t`` is a later turn of ``previous``'s conversation (ids alone are not unique:
+    WildChat's ``conversation_hash`` repeats for repeated conversations)."""
+    i = previous.message_index
+    return (
+        t.conversation_id == previous.conversation_id
+        and t.message_index > i
+        and t.x[:i] == previous.x
+        and t.x[i]["content"] == previous.y
+    )
+
+
 def group_by_conversation(tuples: Iterable[InteractionTuple]) -> Iterator[list[InteractionTuple]]:
-    """Group consecutive tuples of the same conversation (as :func:`extract_tuples` yields them)."""
+    """Group consecutive tuples of the same conversation (as :func:`extract_tuples` yields them).
+
+    A new group starts where the id changes or where a tuple does not continue the previous
+    one's conversation (two logged conversations sharing an id).
+    """
     group: list[InteractionTuple] = []
     for t in tuples:
-        if group and t.conversation_id != group[-1].conversation_id:
+        if group and not _continues(t, group[-1]):
             yield group
             group = []
         group.append(t)
