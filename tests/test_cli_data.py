@@ -121,3 +121,9 @@ def test_python_dash_m_hsd(workdir):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["report"]["records_read"] == 15
+
+
+def test_missing_local_file_is_a_clear_error_not_a_hub_lookup(workdir, capsys):
+    assert main(["data", "inspect", str(workdir / "typo.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "typo.jsonl: no such file" in err and "Hub" not in err

@@ -156,3 +156,8 @@ def test_thousand_conversations_stream_in_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert report.records_read == 1000 and count == report.tuples_kept > 1000
     assert peak < file_size / 20, f"peak {peak} bytes for a {file_size}-byte file: not streaming"
+
+
+def test_missing_local_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing.parquet: no such file"):
+        list(read_conversations(tmp_path / "missing.parquet"))

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.handler(args)
-    except ValueError as e:  # hsd.data.DataError (bad records, templates) and bad option values
+    except (ValueError, OSError) as e:  # hsd.data.DataError, bad option values, missing files
         if args.verbose:
             raise
         print(f"hsd: error: {e}", file=sys.stderr)

@@ -110,6 +110,8 @@ def read_rows(
             yield f"row {i}", row
         return
     path = Path(source)
+    if data_files is None and not path.exists() and path.suffix in LOCAL_SUFFIXES:
+        raise FileNotFoundError(f"{path}: no such file")
     if path.exists() and data_files is None:
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
         for file in _local_files(path):
