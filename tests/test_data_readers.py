@@ -161,3 +161,12 @@ def test_thousand_conversations_stream_in_bounded_memory(tmp_path):
 def test_missing_local_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.parquet: no such file"):
         list(read_conversations(tmp_path / "missing.parquet"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_does_not_lose_the_first_record(tmp_path, suffix):
+    rows = [{"messages": [{"role": "user", "content": "Hi"}]}, {"messages": [{"role": "user", "content": "Yo"}]}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [c.messages[0]["content"] for c in read_conversations(path)] == ["Hi", "Yo"]

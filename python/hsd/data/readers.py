@@ -42,7 +42,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
         for line_number, raw in enumerate(f, start=1):
             where = f"{path} line {line_number}"
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as e:
                 yield where, _BadLine(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start})", "invalid_utf8")
                 continue
@@ -56,7 +56,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise RecordError(f"{path}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
