@@ -298,6 +298,13 @@ def test_paper_layout_preset():
         LayoutConfig(followup_overflow="cut")
 
 
+@pytest.mark.parametrize("name", ["history_messages", "max_prompt_tokens", "max_followup_tokens", "max_length"])
+def test_budgets_below_one_are_rejected_up_front(name):
+    # history_messages=0 used to fail later, per tuple, with "the history must end with a user message".
+    with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+        LayoutConfig(**{name: 0})
+
+
 def test_conversation_record_targets_only_the_logged_completion(tokenizers):
     conv = Conversation(
         messages=[

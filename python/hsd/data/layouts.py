@@ -58,6 +58,10 @@ class LayoutConfig:
             raise ValueError(f"followup_overflow must be 'drop' or 'truncate', got {self.followup_overflow!r}")
         if self.ignore_first_k < 0:
             raise ValueError("ignore_first_k must be >= 0")
+        for name in ("history_messages", "max_prompt_tokens", "max_followup_tokens", "max_response_tokens", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
     @classmethod
     def paper(cls, **overrides) -> "LayoutConfig":
