@@ -50,15 +50,16 @@ def _load_logits(row_ptr, bias_ptr, offs, mask, HAS_BIAS: tl.constexpr):
 
 @triton.jit
 def _plogratio(lp, lq):
-    """p * (log p - log q), 0 where p = 0 (guarded with where, never by multiplication)."""
-    present = lp > float("-inf")
+    """p * (log p - log q), 0 where p = 0 (guarded with where, never by multiplication); a NaN
+    log p stays NaN."""
+    present = lp != float("-inf")
     return tl.where(present, tl.exp(lp) * (lp - lq), 0.0)
 
 
 @triton.jit
 def _logaddexp(a, b):
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
+    hi = tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out
+    lo = tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
     out = hi + tl.log(1.0 + tl.exp(lo - hi))
     return tl.where(hi == float("-inf"), float("-inf"), out)
 
@@ -139,7 +140,7 @@ def hsd_rows_kernel(
                 gap = (s - t) * inv_temp
                 tile_shift = tl.max(tl.where(s == tile_max_s, gap, NEG_INF), 0)
                 new_shift = tl.where(tile_max_s > m_s, tile_shift, shift)
-                terms = tl.where(s > NEG_INF, e_s * (gap - new_shift), 0.0)
+                terms = tl.where(s != NEG_INF, e_s * (gap - new_shift), 0.0)
                 kl_acc = (kl_acc + z_s * (shift - new_shift)) * r_s + tl.sum(terms, 0)
                 shift = new_shift
             elif ALPHA_KIND == 0:
@@ -176,8 +177,9 @@ def hsd_rows_kernel(
     if MODE == 0:
         if HAS_ADV:
             a = tl.load(ADV + row).to(tl.float32)
-        elif CLIP_SIGNAL:
-            a = tl.minimum(tl.maximum(adv, -signal_clip), signal_clip)
+        elif CLIP_SIGNAL:  # comparisons, not minimum/maximum: those drop a NaN operand
+            a = tl.where(adv > signal_clip, signal_clip,
+                         tl.where(adv < -signal_clip, -signal_clip, adv))
         loss = -a * lp_s_y
         div = -adv
     elif MODE == 1:
@@ -221,7 +223,7 @@ def hsd_rows_kernel(
                 # the same as p (delta - E_p[delta]), delta = lp - lq per bucket, centred on
                 # the dominant bucket: no cancellation of |logits|-sized terms
                 p_sup = tl.exp(sup_s)
-                delta = tl.where(k_in & (sup_s > NEG_INF), sup_s - sup_t, 0.0)
+                delta = tl.where(k_in & (sup_s != NEG_INF), sup_s - sup_t, 0.0)
                 centre = tl.max(tl.where(p_sup == tl.max(p_sup, 0), delta, NEG_INF), 0)
                 delta_tail = tl.log(tail_s) - tl.log(tail_t)
                 spread = tl.sum(p_sup * (delta - centre), 0) \
@@ -239,6 +241,9 @@ def hsd_rows_kernel(
             ren_t = (sup_t - top_t) * inv_temp
             ren_s = ren_s - tl.log(tl.sum(tl.exp(ren_s), 0))
             ren_t = ren_t - tl.log(tl.sum(tl.exp(ren_t), 0))
+            # a NaN anywhere in a row (a NaN normaliser) makes its log p NaN, support or not
+            ren_s = tl.where(lz_s != lz_s, lz_s, ren_s)
+            ren_t = tl.where(lz_t != lz_t, lz_t, ren_t)
             d_sup, sl_sup = _div_and_slope(ren_s, ren_t, alpha, log_ws, log_wt, ALPHA_KIND)
             d_sup = tl.where(k_in, d_sup, 0.0)
             sl_sup = tl.where(k_in, sl_sup, 0.0)
@@ -246,7 +251,7 @@ def hsd_rows_kernel(
             on_sup = sl_sup - tl.exp(ren_s) * tl.sum(sl_sup, 0)
             if ALPHA_KIND == 1:  # centred on the dominant entry, as above
                 p_ren = tl.exp(ren_s)
-                delta = tl.where(k_in & (ren_s > NEG_INF), ren_s - ren_t, 0.0)
+                delta = tl.where(k_in & (ren_s != NEG_INF), ren_s - ren_t, 0.0)
                 centre = tl.max(tl.where(p_ren == tl.max(p_ren, 0), delta, NEG_INF), 0)
                 spread = tl.sum(p_ren * (delta - centre), 0)
                 on_sup = tl.where(k_in, p_ren * ((delta - centre) - spread), 0.0)
@@ -254,9 +259,10 @@ def hsd_rows_kernel(
 
     keep = tl.full([], 1, tl.int1)
     if MODE != 0:
-        if CLIP_KL:
-            loss = tl.minimum(div, kl_clip)
-            keep = div <= kl_clip
+        if CLIP_KL:  # a NaN divergence stays NaN, with its (NaN) gradient
+            clipped = div > kl_clip
+            loss = tl.where(clipped, kl_clip, div)
+            keep = ~clipped
     tl.store(LOSS + row, loss)
     tl.store(STATS + row * 4 + 0, lp_s_y)
     tl.store(STATS + row * 4 + 1, lp_t_y)
@@ -291,7 +297,7 @@ def hsd_rows_kernel(
                     # p (lp - lq) - p D = p ((s - t) / T - E_p[(s - t) / T]): the normalisers
                     # cancel exactly, so near one-hot rows give 0, not rounding noise
                     t = _load_logits(t_row, BT, offs, inside, HAS_BIAS)
-                    g = tl.where(s > NEG_INF, p * (((s - t) * inv_temp - shift) - mean_gap), 0.0)
+                    g = tl.where(s != NEG_INF, p * (((s - t) * inv_temp - shift) - mean_gap), 0.0)
                 else:
                     t = _load_logits(t_row, BT, offs, inside, HAS_BIAS)
                     d, sl = _div_and_slope(lp, (t - m_t) * inv_temp - lz_t, alpha, log_ws,

@@ -274,6 +274,41 @@ def test_kl_and_signal_clips(mode):
     check_logits(x, spec, rtol=1e-5)
 
 
+NAN_SPECS = {
+    "sampled-clip": spec_of("sampled", signal_clip=0.5),
+    "full-a0-klclip": spec_of("full", alpha=0.0, kl_clip=0.3),
+    "full-a0.5": spec_of("full", alpha=0.5),
+    "full-a0.5-klclip": spec_of("full", alpha=0.5, kl_clip=0.3),
+    "full-a1-klclip": spec_of("full", alpha=1.0, kl_clip=0.3),
+    "topk-tail-a0": spec_of("topk", alpha=0.0, topk=4),
+    "topk-tail-a0.5-klclip": spec_of("topk", alpha=0.5, topk=4, kl_clip=0.01),
+    "topk-notail-a1": spec_of("topk", alpha=1.0, topk=4, tail=False),
+}
+
+
+@pytest.mark.parametrize("name", list(NAN_SPECS))
+def test_nan_logits_give_nan(name):
+    """A NaN logit on either side gives a NaN loss and gradient row, as the reference does;
+    clips and max / min must not turn it finite (Triton's minimum / maximum drop NaN)."""
+    spec = NAN_SPECS[name]
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(4, V, generator=g), torch.randn(4, V, generator=g)
+    s[1, 7] = float("nan")
+    t[2, 250] = float("nan")
+    y = torch.randint(0, V, (4,), generator=g)
+    coef = torch.ones(4)
+    got = triton_backend.logits(s.to(DEVICE), t.to(DEVICE), y.to(DEVICE), coef.to(DEVICE), None,
+                                spec, True)
+    ref = reference.logits(s.double(), t.double(), y, coef.double(), None, spec, True)
+    nan_rows = torch.tensor([False, True, True, False])
+    assert torch.equal(ref[0].isnan(), nan_rows)
+    assert torch.equal(got[0].cpu().isnan(), nan_rows), got[0]
+    assert torch.equal(got[2].cpu().isnan().any(1), ref[2].isnan().any(1)), got[2]
+    ok = ~nan_rows
+    assert_close(got[0].cpu()[ok], ref[0][ok], 1e-5)
+    assert_close(got[2].cpu()[ok], ref[2][ok], 1e-5)
+
+
 def test_advantage_override():
     x = make_inputs(advantage=True)
     for spec in (spec_of("sampled"), spec_of("sampled", signal_clip=0.1, temperature=1.3)):
