@@ -285,6 +285,27 @@ def test_template_that_does_not_end_replies_with_eos_is_a_clear_error():
     assert ex.target_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_tokenizer_that_prefixes_every_encode_with_a_space_is_a_clear_error():
+    # SentencePiece-style tokenizers (prepend "▁" to each encode call) would turn "Hello" into
+    # " Hello" in every tokenised reply; the renderer refuses them instead.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hsd.data.testing import CHAT_TEMPLATES
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    spm.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    special = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=special, show_progress=False)
+    spm.train_from_iterator(["Hi Hello user assistant\n"] * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, eos_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATES["chatml"][0]
+    t = tuple_with([{"role": "user", "content": "Hi"}], "Hello", "Again.")
+    with pytest.raises(ChatTemplateError, match="prefix space"):
+        tokenize_tuple(t, tok)
+
+
 def test_packed_rejects_tuples_of_different_conversations(tokenizers, conversations):
     groups = list(group_by_conversation(extract_tuples(conversations)))
     with pytest.raises(Exception, match="group_by_conversation"):

@@ -75,12 +75,21 @@ class ChatRenderer:
         self.end_of_turn_id = eot_ids[0]
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         try:
-            self.locate_reply(probe[:1], "Hello", "the probe conversation")
+            before, reply = self.locate_reply(probe[:1], "Hello", "the probe conversation")
         except ChatTemplateError as e:
             raise ChatTemplateError(
                 f"{e}. The chat template must close an assistant reply with the end-of-turn token "
                 f"{self.end_of_turn_token!r}; pass end_of_turn_token= if it uses another one"
             ) from None
+        text = before + reply + self.end_of_turn_token
+        cut = self.encode_with_cuts(text, [(len(before), len(before) + len(reply))]).ids
+        if self.decode(cut) != self.decode(self.encode(text)):
+            # SentencePiece-style prefix spaces would silently insert a space before every reply.
+            raise ChatTemplateError(
+                f"{type(tokenizer).__name__} changes the text when a reply is tokenised on its own "
+                f"({self.decode(cut)!r} instead of {self.decode(self.encode(text))!r}); it adds a prefix "
+                "space at the start of each encode call. Load it without one (e.g. add_prefix_space=False)"
+            )
 
     @classmethod
     def for_tokenizer(cls, tokenizer, chat_template_kwargs: dict | None = None, end_of_turn_token: str | None = None):
