@@ -111,6 +111,11 @@ def hsd_rows_kernel(
     # ranked below the k-th support logit); 1 - sum(p_support) would cancel catastrophically
     zt_s = tl.full([], 0.0, tl.float32)
     zt_t = tl.full([], 0.0, tl.float32)
+    # entries tied with the k-th ranked logit: torch.topk put only some of them in the support
+    # (bf16 logits tie often); the others belong to the tail
+    zq_s = tl.full([], 0.0, tl.float32)
+    zq_t = tl.full([], 0.0, tl.float32)
+    n_tied = tl.full([], 0, tl.int32)
     if MODE == 2:
         k_lanes = tl.arange(0, BLOCK_K)
         k_in = k_lanes < K
@@ -150,10 +155,15 @@ def hsd_rows_kernel(
             if TAIL:
                 if RANK_TEACHER:
                     off = t < kth
+                    tied = (t == kth) & inside
                 else:
                     off = s < kth
+                    tied = (s == kth) & inside
                 zt_s = zt_s * r_s + tl.sum(tl.where(off, e_s, 0.0), 0)
                 zt_t = zt_t * r_t + tl.sum(tl.where(off, e_t, 0.0), 0)
+                zq_s = zq_s * r_s + tl.sum(tl.where(tied, e_s, 0.0), 0)
+                zq_t = zq_t * r_t + tl.sum(tl.where(tied, e_t, 0.0), 0)
+                n_tied += tl.sum(tied.to(tl.int32), 0)
         z_s = z_s * r_s + tl.sum(e_s, 0)
         z_t = z_t * r_t + tl.sum(e_t, 0)
         m_s = new_s
@@ -206,8 +216,22 @@ def hsd_rows_kernel(
         sup_s = tl.where(k_in, (raw_s - m_s) * inv_temp - lz_s, NEG_INF)
         sup_t = tl.where(k_in, (raw_t - m_t) * inv_temp - lz_t, NEG_INF)
         if TAIL:
-            tail_s = zt_s / z_s
-            tail_t = zt_t / z_t
+            # tied entries outside the support: on the ranking side each weighs exp(kth - m)
+            # exactly; on the other side, all tied entries less the support's tied ones (only
+            # when there are such entries, so the untied case takes no subtraction)
+            rank_sup = raw_t if RANK_TEACHER else raw_s
+            sup_tied = k_in & (rank_sup == kth)
+            n_out = n_tied - tl.sum(sup_tied.to(tl.int32), 0)
+            q_s = tl.sum(tl.where(sup_tied, tl.exp((raw_s - m_s) * inv_temp), 0.0), 0)
+            q_t = tl.sum(tl.where(sup_tied, tl.exp((raw_t - m_t) * inv_temp), 0.0), 0)
+            if RANK_TEACHER:
+                out_t = n_out.to(tl.float32) * tl.exp((kth - m_t) * inv_temp)
+                out_s = tl.maximum(zq_s - q_s, 0.0)
+            else:
+                out_s = n_out.to(tl.float32) * tl.exp((kth - m_s) * inv_temp)
+                out_t = tl.maximum(zq_t - q_t, 0.0)
+            tail_s = (zt_s + tl.where(n_out > 0, out_s, 0.0)) / z_s
+            tail_t = (zt_t + tl.where(n_out > 0, out_t, 0.0)) / z_t
             d_sup, sl_sup = _div_and_slope(sup_s, sup_t, alpha, log_ws, log_wt, ALPHA_KIND)
             d_tail, sl_tail = _div_and_slope(tl.log(tail_s), tl.log(tail_t), alpha, log_ws,
                                              log_wt, ALPHA_KIND)

@@ -309,6 +309,34 @@ def test_nan_logits_give_nan(name):
     assert_close(got[2].cpu()[ok], ref[2][ok], 1e-5)
 
 
+@pytest.mark.parametrize("from_teacher", [False, True])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_topk_tail_with_ties_at_the_kth_logit(alpha, from_teacher):
+    """Entries tied with the k-th ranked logit that torch.topk left out belong to the tail
+    (coarse logits, as bf16 gives, tie there often)."""
+    g = torch.Generator().manual_seed(11)
+    s = (torch.randn(6, V, generator=g) * 4).round() / 4
+    t = (torch.randn(6, V, generator=g) * 4).round() / 4
+    y = torch.randint(0, 20, (6,), generator=g)
+    coef = torch.rand(6, generator=g) + 0.1
+    spec = spec_of("topk", alpha=alpha, topk=5, topk_from_teacher=from_teacher)
+    ref = reference.logits(s.double(), t.double(), y, coef.double(), None, spec, True)
+    got = triton_backend.logits(s.to(DEVICE), t.to(DEVICE), y.to(DEVICE), coef.to(DEVICE),
+                                None, spec, True)
+    for name, a, r in zip(("token_loss", "stats", "grad_logits"), got, ref):
+        assert_close(a.cpu(), r, 1e-5, what=name)
+    # a masked vocabulary (-inf on both sides) smaller than the support ties at -inf: the
+    # support's masked entries and the tail are empty, as with k = the unmasked count
+    s[:, 20:] = t[:, 20:] = float("-inf")
+    losses = [triton_backend.logits(s.to(DEVICE), t.to(DEVICE), y.to(DEVICE), coef.to(DEVICE),
+                                    None, spec_of("topk", alpha=alpha, topk=k,
+                                                  topk_from_teacher=from_teacher), True)
+              for k in (20, 25)]
+    for a, b in zip(losses[0], losses[1]):
+        assert torch.isfinite(a).all()
+        assert_close(b.cpu(), a.cpu(), 1e-6)
+
+
 def test_advantage_override():
     x = make_inputs(advantage=True)
     for spec in (spec_of("sampled"), spec_of("sampled", signal_clip=0.1, temperature=1.3)):
