@@ -58,3 +58,42 @@ def test_nan_rows_and_skipped_rows():
     loss, _, grad = cuda_backend.logits(s, t.float(), y, coef, None, DivergenceSpec(mode=FULL), True)
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     assert torch.all(grad[coef == 0] == 0)
+
+
+def _support_far_in_the_teacher_tail():
+    """Teacher log-probabilities ~ -1000 on the student's top-k ids: exp underflows there."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    t = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    s[:, :6] += 8.0  # the student's support
+    t[:, :6] -= 1000.0
+    y = torch.randint(0, 300, (4,), generator=g)
+    coef = torch.rand(4, generator=g, dtype=torch.float64) + 0.1
+    return s.float().double(), t.float().double(), y, coef  # float32 inputs, exactly
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_renormalised_topk_support_far_in_the_tail_cpu(alpha):
+    """The case below on the CPU backend (runs everywhere): finite, and as the reference."""
+    from hsd.backends import cpu
+    if not cpu.is_available():
+        pytest.skip("hsd._C is not built")
+    s, t, y, coef = _support_far_in_the_teacher_tail()
+    spec = DivergenceSpec(mode=TOPK, alpha=alpha, topk=6, tail=False)
+    expected = reference.logits(s, t, y, coef, None, spec, True)
+    assert torch.isfinite(expected[0]).all()
+    actual = cpu.logits(s.float(), t.float(), y, coef.float(), None, spec, True)
+    assert_matches(actual, expected, 1e-5, ("token_loss", "stats", "grad"))
+
+
+@requires_gpu
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_renormalised_topk_support_far_in_the_tail(alpha):
+    """Without a tail the support renormalises by its log-sum-exp, shifted by its maximum."""
+    s, t, y, coef = _support_far_in_the_teacher_tail()
+    spec = DivergenceSpec(mode=TOPK, alpha=alpha, topk=6, tail=False)
+    expected = reference.logits(s, t, y, coef, None, spec, True)
+    actual = cuda_backend.logits(s.float().cuda(), t.float().cuda(), y.cuda(),
+                                 coef.float().cuda(), None, spec, True)
+    assert torch.isfinite(actual[0]).all()
+    assert_matches([a.cpu() for a in actual], expected, CUDA_TOL, ("token_loss", "stats", "grad"))

@@ -56,6 +56,20 @@ __device__ T block_sum(T v, T* buf) {
   return warp_sum(total);
 }
 
+// Maximum over the block, returned to every thread (fmax: exact and order-independent).
+__device__ double block_max(double v, double* buf) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();  // buf may still be read by a previous reduction
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  double r = lane < kWarps ? buf[lane] : -INFINITY;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) r = fmax(r, __shfl_xor_sync(0xffffffffu, r, o));
+  return r;
+}
+
 // Online (max, sum of exp((x - max) * inv_temp)) pair; max in raw logit units so that
 // (x - max) stays exact for large logits.
 struct MaxSum {
@@ -249,14 +263,22 @@ __global__ void __launch_bounds__(kThreads) hindsight_rows_kernel(RowSpec spec, 
       tail_s = fmax(1.0 - block_sum(es, dbuf), 0.0);
       tail_t = fmax(1.0 - block_sum(et, dbuf), 0.0);
     } else {
-      // log-probabilities are <= 0, so sum exp(lp) over the support cannot overflow
+      // the support's log-sum-exp, shifted by its maximum: the other side's log-probabilities
+      // on the support may all lie below exp's range (a support far in that side's tail)
+      double top_s = -INFINITY, top_t = -INFINITY;
+      for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+        top_s = fmax(top_s, lp_at(j));
+        top_t = fmax(top_t, lq_at(j));
+      }
+      top_s = block_max(top_s, dbuf);
+      top_t = block_max(top_t, dbuf);
       double es = 0.0, et = 0.0;
       for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-        es += exp(lp_at(j));
-        et += exp(lq_at(j));
+        es += exp(lp_at(j) - top_s);
+        et += exp(lq_at(j) - top_t);
       }
-      shift_s = log(block_sum(es, dbuf));
-      shift_t = log(block_sum(et, dbuf));
+      shift_s = top_s + log(block_sum(es, dbuf));
+      shift_t = top_t + log(block_sum(et, dbuf));
     }
     double d_part = 0.0, slope_part = 0.0;
     for (int64_t j = threadIdx.x; j < k; j += kThreads) {
