@@ -144,7 +144,10 @@ def hsd_rows_kernel(
                 # so a near one-hot row sums small terms, not |logits|-sized ones that cancel
                 gap = (s - t) * inv_temp
                 tile_shift = tl.max(tl.where(s == tile_max_s, gap, NEG_INF), 0)
-                new_shift = tl.where(tile_max_s > m_s, tile_shift, shift)
+                # any finite shift is exact; an infinite gap (the teacher's -inf at the student's
+                # argmax) must not become one, or inf - inf turns the infinite KL into NaN
+                new_shift = tl.where((tile_max_s > m_s) & (tl.abs(tile_shift) < float("inf")),
+                                     tile_shift, shift)
                 terms = tl.where(s != NEG_INF, e_s * (gap - new_shift), 0.0)
                 kl_acc = (kl_acc + z_s * (shift - new_shift)) * r_s + tl.sum(terms, 0)
                 shift = new_shift

@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 import hsd  # noqa: E402
 from hsd.backends import FULL, SAMPLED, TOPK, DivergenceSpec, reference  # noqa: E402
 from hsd.backends import triton_backend  # noqa: E402
+from hsd.backends import torch_chunked  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETING else "cuda")
@@ -335,6 +336,31 @@ def test_topk_tail_with_ties_at_the_kth_logit(alpha, from_teacher):
     for a, b in zip(losses[0], losses[1]):
         assert torch.isfinite(a).all()
         assert_close(b.cpu(), a.cpu(), 1e-6)
+
+
+@pytest.mark.parametrize("kl_clip", [0.0, 0.5])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_teacher_masks_the_student_argmax(alpha, kl_clip):
+    """A teacher -inf where the student has its maximum: reverse KL is +inf (kl_clip caps it,
+    with no gradient), never NaN."""
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(3, V, generator=g), torch.randn(3, V, generator=g)
+    s[0, 10], t[0, 10] = 9.0, float("-inf")
+    s[1, 200], t[1, 200] = 9.0, float("-inf")  # in a later tile, after a finite shift
+    t[2, 20] = float("-inf")
+    coef = torch.ones(3)
+    spec = spec_of("full", alpha=alpha, kl_clip=kl_clip)
+    ref = reference.logits(s.double(), t.double(), None, coef.double(), None, spec, True)
+    got = triton_backend.logits(s.to(DEVICE), t.to(DEVICE), None, coef.to(DEVICE), None, spec,
+                                True)
+    assert_close(got[0].cpu(), ref[0], 1e-5, what="token_loss")
+    assert_close(got[1].cpu(), ref[1], 1e-5, what="stats")
+    # gradients as the specification's (autograd's clamp leaves 0 * inf = NaN in capped rows)
+    spec_grad = torch_chunked.logits(s.double(), t.double(), None, coef.double(), None, spec,
+                                     True)[2]
+    assert torch.equal(got[2].cpu().isnan().any(1), spec_grad.isnan().any(1))
+    finite = torch.isfinite(spec_grad).all(1)
+    assert_close(got[2].cpu()[finite], spec_grad[finite], 1e-5, what="grad_logits")
 
 
 def test_advantage_override():
