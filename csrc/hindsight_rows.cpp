@@ -270,15 +270,13 @@ double topk_row(const RowSpec& spec, const RowContext<T>& c, TopkScratch<T>& ws,
   }
   double d, slope_sup = 0.0, slope_tail = 0.0, tail_s = 0.0;
   if (spec.tail) {
-    double sum_s = 0.0, sum_t = 0.0;
-    for (int64_t j = 0; j < k; ++j) {
-      sum_s += std::exp(lp[j]);
-      sum_t += std::exp(lq[j]);
+    // the off-support mass summed directly: 1 - sum over the support cancels catastrophically
+    double tail_t = 0.0;
+    for (int64_t j = k; j < n; ++j) {
+      const int32_t id = ws.order[j];
+      tail_s += std::exp((double(c.s[id]) - double(c.ms)) * inv_temp - c.dlzs);
+      tail_t += std::exp((double(c.t[id]) - double(c.mt)) * inv_temp - c.dlzt);
     }
-    tail_s = 1.0 - sum_s;
-    tail_s = tail_s < 0.0 ? 0.0 : tail_s;
-    double tail_t = 1.0 - sum_t;
-    tail_t = tail_t < 0.0 ? 0.0 : tail_t;
     lp[k] = std::log(tail_s);
     lq[k] = std::log(tail_t);
     d = divergence_and_slope(lp, lq, nb, spec.alpha, slope);

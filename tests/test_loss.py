@@ -444,3 +444,31 @@ def test_second_backward_recomputes_gradients(backend):
     (2 * loss).backward()
     close(hs.grad, first[0], 1e-6)
     close(w.grad, first[1], 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_topk_tail_is_the_off_support_mass(backend, alpha):
+    # the support covers every unmasked entry: the tail is exactly empty on both sides, and
+    # 1 - sum(p_topk) would leave a rounding residue (an infinite forward KL)
+    v, k = 40, 6
+    mask = torch.full((v,), float("-inf"))
+    mask[torch.randperm(v)[:k]] = 0.0
+    s = (torch.randn(5, v) + mask).requires_grad_()
+    t = torch.randn(5, v) + mask
+    kw = dict(mode="topk", topk=k, alpha=alpha)
+    out = hsd.hindsight_loss(s, t, backend=backend, **kw)
+    (g,) = torch.autograd.grad(out, s)
+    full = hsd.hindsight_loss(s, t, mode="full", alpha=alpha, backend="reference")
+    (g_full,) = torch.autograd.grad(full, s)
+    close(out, full, 1e-5)  # an empty tail: top-k is the full divergence
+    close(g, g_full, 1e-5)
+    # a tiny but non-zero tail is resolved, not rounded away (float64: D itself is ~1e-8)
+    s2 = torch.tensor([[20.0] * 3 + [0.0] * 3], dtype=torch.float64)
+    t2 = torch.tensor([[20.0] * 3 + [2.0] * 3], dtype=torch.float64)
+    tail = hsd.hindsight_loss(s2, t2, mode="topk", topk=3, alpha=0.0, backend=backend)
+    p_tail = 3 * math.exp(-20) / (3 + 3 * math.exp(-20))
+    q_tail = 3 * math.exp(-18) / (3 + 3 * math.exp(-18))
+    q_sup = 1 - q_tail
+    expected = q_tail * math.log(q_tail / p_tail) + q_sup * math.log(q_sup / (1 - p_tail))
+    assert abs(tail.item() - expected) <= 1e-5 * expected

@@ -10,7 +10,8 @@ under stop-gradient. Three per-token objectives (``mode``):
   m = (1-alpha) p_s + alpha p_t: D = (1-alpha) KL(p_s || m) + alpha KL(p_t || m).
 * ``"topk"``: the same divergence on the top-k support of ``topk_support``'s logits (the other
   side gathered at those ids), plus a tail bucket log(1 - sum p_topk) on both sides
-  (``tail=True``) or both renormalised over the support (``tail=False``).
+  (``tail=True``; computed as the log of the off-support mass) or both renormalised over the
+  support (``tail=False``).
 
 The float64-exact definition lives here (:func:`divergence`, :func:`reference_token_terms`);
 every backend in :mod:`hsd.backends` is tested against it.
@@ -64,10 +65,11 @@ def _topk_bucket_logp(logp: torch.Tensor, ids: torch.Tensor, tail: bool) -> torc
     support = logp.gather(-1, ids)
     if not tail:
         return support - torch.logsumexp(support, -1, keepdim=True)
-    tail_p = (1.0 - support.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-    has_tail = tail_p > 0  # an empty tail has log 0 = -inf and no gradient
-    tail_logp = torch.where(has_tail, torch.where(has_tail, tail_p, 1.0).log(), float("-inf"))
-    return torch.cat([support, tail_logp], -1)
+    # the tail is the off-support mass summed directly (1 - sum p_topk cancels catastrophically)
+    off_support = logp.scatter(-1, ids, float("-inf"))
+    has_tail = (off_support != float("-inf")).any(-1, keepdim=True)  # an empty tail: no gradient
+    tail_logp = torch.logsumexp(torch.where(has_tail, off_support, 0.0), -1, keepdim=True)
+    return torch.cat([support, torch.where(has_tail, tail_logp, float("-inf"))], -1)
 
 
 def reference_token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

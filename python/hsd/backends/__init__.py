@@ -22,7 +22,8 @@ Per token, with s = student logits / T and t = teacher logits / T, lp = log_soft
     estimate -A of the reverse KL; full / topk: D before kl_clip).
     sampled: a = advantage if given, else clamp(A, +-signal_clip); token_loss = -a * lp_s[y].
     full / topk: token_loss = min(D, kl_clip), D from :func:`hsd.loss.divergence`.
-Top-k tail bucket: P_tail = max(1 - sum of the support's probabilities, 0).
+Top-k tail bucket: P_tail = the sum of the off-support probabilities (summed directly, not as
+1 - sum over the support, which cancels catastrophically when the support holds nearly all mass).
 """
 
 from __future__ import annotations

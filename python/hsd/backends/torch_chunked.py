@@ -78,10 +78,11 @@ def token_terms(student_logits, teacher_logits, target_ids, coef, advantage, spe
             ids = ranked.topk(spec.topk, -1).indices
             sup_s, sup_t = lp_s.gather(1, ids), lp_t.gather(1, ids)
             if spec.tail:
-                tail_s = (1.0 - sup_s.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-                tail_t = (1.0 - sup_t.exp().sum(-1, keepdim=True)).clamp_min(0.0)
-                div, slope = _divergence_and_slope(torch.cat([sup_s, tail_s.log()], -1),
-                                                   torch.cat([sup_t, tail_t.log()], -1), spec.alpha)
+                tail_lp_s = lp_s.scatter(1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+                tail_lp_t = lp_t.scatter(1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+                tail_s = tail_lp_s.exp()
+                div, slope = _divergence_and_slope(torch.cat([sup_s, tail_lp_s], -1),
+                                                   torch.cat([sup_t, tail_lp_t], -1), spec.alpha)
                 if compute_grad:
                     slope_sup, slope_tail = slope[:, :-1], slope[:, -1:]
                     # off-support entries move the tail bucket: p_l/P_tail of it, (1-P_tail) net
