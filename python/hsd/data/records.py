@@ -147,25 +147,14 @@ def _from_wildchat(row: Mapping, index: int, fmt: str) -> Conversation:
     )
 
 
-def _from_sharegpt(row: Mapping, index: int, fmt: str) -> Conversation:
+def _from_message_list(row: Mapping, index: int, fmt: str) -> Conversation:
+    """ShareGPT (``conversations: [{from, value}]``) and OpenAI (``messages: [{role, content}]``)."""
+    list_key, role_key, content_key = (("conversations", "from", "value") if fmt == "sharegpt"
+                                       else ("messages", "role", "content"))
     record_id = row.get("id")
     where = _record_name(index, record_id)
-    raw = _require(row, "conversations", where)
-    messages = normalize_messages(raw, where, role_key="from", content_key="value")
-    return Conversation(
-        messages=messages,
-        id=str(record_id) if record_id is not None else f"{fmt}:{index}",
-        source_model=_str_or_none(row.get("model")),
-        language=_str_or_none(row.get("language")),
-        user_key=_str_or_none(row.get("user_id")),
-        metadata={"format": fmt},
-    )
-
-
-def _from_messages(row: Mapping, index: int, fmt: str) -> Conversation:
-    record_id = row.get("id")
-    where = _record_name(index, record_id)
-    messages = normalize_messages(_require(row, "messages", where), where)
+    raw = _require(row, list_key, where)
+    messages = normalize_messages(raw, where, role_key=role_key, content_key=content_key)
     return Conversation(
         messages=messages,
         id=str(record_id) if record_id is not None else f"{fmt}:{index}",
@@ -200,8 +189,8 @@ _CONVERTERS: dict[str, Callable[[Mapping, int, str], Conversation]] = {
     "wildchat": _from_wildchat,
     "wildfeedback": _from_wildchat,
     "lmsys": _from_wildchat,
-    "sharegpt": _from_sharegpt,
-    "messages": _from_messages,
+    "sharegpt": _from_message_list,
+    "messages": _from_message_list,
     "tuples": _from_tuple_row,
 }
 
