@@ -28,7 +28,6 @@ logger = logging.getLogger("hsd.data")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 _PARQUET_BATCH_ROWS = 256
-_LOUD_SKIPS = 20
 
 
 class _BadLine(RecordError):
@@ -174,12 +173,7 @@ def read_conversations(
             message = str(e) if str(e).startswith(location) else f"{location}: {e}"
             if on_error == "raise":
                 raise RecordError(message) from None
-            report.skipped_records[getattr(e, "reason", "invalid_record")] += 1
-            skipped = sum(report.skipped_records.values())
-            # Name every bad record, but keep a badly broken source from flooding the log.
-            logger.log(logging.WARNING if skipped <= _LOUD_SKIPS else logging.DEBUG, "skipping %s", message)
-            if skipped == _LOUD_SKIPS:
-                logger.warning("further skipped records are logged at debug level")
+            report.skip(getattr(e, "reason", "invalid_record"), location, message)
             continue
         yielded += 1
         yield conversation
