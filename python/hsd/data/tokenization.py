@@ -161,14 +161,14 @@ def tokenize_tuple(
 def _conversation_messages(tuples: list[InteractionTuple]) -> list[dict]:
     """The conversation up to the last scored y, checked against every tuple's x and y."""
     last = tuples[-1]
-    messages = last.x + [{"role": ASSISTANT, "content": last.y}]
+    messages = last.full_history + [{"role": ASSISTANT, "content": last.y}]
     for t in tuples:
         if t.conversation_id != last.conversation_id:
             raise DataError(
                 f"tokenize_conversation got tuples of conversations {t.conversation_id!r} and "
                 f"{last.conversation_id!r}; group them with group_by_conversation"
             )
-        if messages[: t.message_index] != t.x or messages[t.message_index]["content"] != t.y:
+        if messages[: t.message_index] != t.full_history or messages[t.message_index]["content"] != t.y:
             raise DataError(f"{_record(t)}: its history is not a prefix of the conversation's")
     return messages
 
