@@ -170,3 +170,121 @@ def test_group_by_conversation_splits_conversations_that_share_an_id():
     other = conv(("user", "v0"), ("assistant", "b1"), ("user", "v1"), ("assistant", "b2"), ("user", "v2"))
     groups = list(group_by_conversation(extract_tuples([BASIC, twin, other])))
     assert [[t.y for t in g] for g in groups] == [["a1", "a2"], ["a1", "a2"], ["b1", "b2"]]
+
+
+# ---- the paper preset: the authors' preprocessing scripts, worked by hand ----------------------
+
+
+def msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+def test_paper_preset_cuts_the_history_before_collapsing_same_role_runs():
+    # Raw: u0 a1 u1 u1b a2 u2 a3 u3 a4 u4. For y=a4 the authors take the last 5 raw messages
+    # [u1b a2 u2 a3 u3]; collapsing first and cutting after would give [u1 a2 u2 a3 u3].
+    c = conv(("user", "u0"), ("assistant", "a1"), ("user", "u1"), ("user", "u1b"), ("assistant", "a2"),
+             ("user", "u2"), ("assistant", "a3"), ("user", "u3"), ("assistant", "a4"), ("user", "u4"))
+    report = DataReport()
+    tuples = conversation_tuples(c, FilterConfig.preset("paper"), report)
+    assert [(t.y, t.o) for t in tuples] == [("a1", "u1"), ("a2", "u2"), ("a3", "u3"), ("a4", "u4")]
+    assert tuples[0].x == msgs(("user", "u0"))
+    assert tuples[1].x == msgs(("user", "u0"), ("assistant", "a1"), ("user", "u1"))  # u1b collapsed away
+    # y=a3: last 5 raw = [a1 u1 u1b a2 u2] -> leading a1 dropped -> [u1 u1b a2 u2] -> collapsed
+    assert tuples[2].x == msgs(("user", "u1"), ("assistant", "a2"), ("user", "u2"))
+    assert tuples[3].x == msgs(("user", "u1b"), ("assistant", "a2"), ("user", "u2"), ("assistant", "a3"), ("user", "u3"))
+    # The whole (collapsed) history stays available to the packed layout.
+    assert tuples[3].full_history == msgs(("user", "u0"), ("assistant", "a1"), ("user", "u1"), ("assistant", "a2"),
+                                          ("user", "u2"), ("assistant", "a3"), ("user", "u3"))
+    assert tuples[1].full_x is None and tuples[3].message_index == 7 == len(tuples[3].full_history)
+    assert report.adjusted == {"collapsed_same_role": 1, "history_cut": 2}
+    # Both cut tuples still group as one conversation (the packed layout needs that).
+    assert [len(g) for g in group_by_conversation(tuples)] == [4]
+    # The default cuts nothing here: x is the whole collapsed history.
+    assert conversation_tuples(c)[3].x == tuples[3].full_history
+
+
+def test_paper_preset_assistant_runs_wildchat_none_wildfeedback_last():
+    c = conv(("user", "u0"), ("assistant", "a1"), ("assistant", "a1b"), ("user", "u1"), ("assistant", "a2"),
+             ("user", "u2"), ("assistant", "a3"))
+    # WildChat script: (a1b, u1) has a history ending with a1 -> no tuple; a2 sees [u0 a1 u1].
+    report = DataReport()
+    (t,) = conversation_tuples(c, FilterConfig.paper(), report)
+    assert (t.x, t.y, t.o, t.turn_index) == (msgs(("user", "u0"), ("assistant", "a1"), ("user", "u1")), "a2", "u2", 1)
+    assert report.dropped_tuples == {"assistant_run": 1}
+    # WildFeedback script: the last message of the run (the one the user answered) is y; later
+    # histories collapse the run to its first message, as the script's history does.
+    first, second = conversation_tuples(c, FilterConfig.paper(assistant_runs="last"))
+    assert (first.x, first.y, first.o) == (msgs(("user", "u0")), "a1b", "u1")
+    assert second.x == msgs(("user", "u0"), ("assistant", "a1"), ("user", "u1"))
+    assert second.full_history == msgs(("user", "u0"), ("assistant", "a1b"), ("user", "u1"))
+    assert [len(g) for g in group_by_conversation([first, second])] == [2]
+    # hsd's default: the run's first message is y.
+    assert [(t.y, t.o) for t in conversation_tuples(c)] == [("a1", "u1"), ("a2", "u2")]
+    with pytest.raises(ValueError, match="assistant_runs"):
+        FilterConfig(assistant_runs="all")
+
+
+def test_paper_preset_drops_empty_messages_before_pairing():
+    # Raw u0 a1 "  " a2 u2 a3 u3: without the blank the two replies form a run.
+    c = conv(("user", "u0"), ("assistant", "a1"), ("user", "  "), ("assistant", "a2"), ("user", "u2"),
+             ("assistant", "a3"), ("user", "u3"))
+    report = DataReport()
+    (t,) = conversation_tuples(c, FilterConfig.paper(), report)
+    assert (t.x, t.y, t.o) == (msgs(("user", "u0"), ("assistant", "a1"), ("user", "u2")), "a3", "u3")
+    assert report.adjusted["removed_empty_message"] == 1 and report.dropped_tuples == {"assistant_run": 1}
+    # The default keeps the blank in the history and drops only the tuples it empties.
+    report = DataReport()
+    (t,) = conversation_tuples(c, report=report)
+    assert t.x == c.messages[:5] and t.y == "a3"
+    assert report.dropped_tuples == {"empty_followup": 1, "empty_prompt": 1}
+    # Three messages are needed after the blanks are gone.
+    report = DataReport()
+    short = conv(("user", "u0"), ("assistant", ""), ("user", "u1"), ("assistant", " "))
+    assert conversation_tuples(short, FilterConfig.paper(), report) == []
+    assert report.dropped_conversations == {"too_few_messages": 1}
+
+
+@pytest.mark.parametrize("language, kept", [("English", True), ("en", True), (" EN ", True), ("english", True),
+                                            ("French", False), ("eng", False), (None, False)])
+def test_paper_preset_accepts_the_language_code(language, kept):
+    assert bool(conversation_tuples(conv(*BASIC_PAIRS, language=language), FilterConfig.paper())) == kept
+
+
+BASIC_PAIRS = [(m["role"], m["content"]) for m in BASIC.messages]
+
+
+def test_paper_preset_a_leading_assistant_message_leaves_the_cut_history():
+    c = conv(("assistant", "Hi! How can I help?"), ("user", "u0"), ("assistant", "a1"), ("user", "u1"))
+    (t,) = conversation_tuples(c, FilterConfig.paper())
+    assert t.x == msgs(("user", "u0")) and t.full_history == c.messages[:2] and t.turn_index == 1
+
+
+# ---- hand-built records ------------------------------------------------------------------------
+
+
+GOOD_TUPLE = dict(x=[{"role": "user", "content": "u"}], y="y", o="o", conversation_id="c", turn_index=0, message_index=1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"y": None}, r"InteractionTuple.y must be a string, got NoneType"),
+    ({"o": None}, r"InteractionTuple.o must be a string"),
+    ({"x": None}, r"InteractionTuple.x must be a list of messages, got NoneType"),
+    ({"x": [{"role": "user", "content": None}]}, r"InteractionTuple.x\[0\] must be"),
+    ({"x": [{"role": "human", "content": "u"}]}, r"InteractionTuple.x\[0\] must be"),
+    ({"x": [None]}, r"InteractionTuple.x\[0\] must be"),
+    ({"x": []}, r"must end with a user message"),
+    ({"x": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], "message_index": 2},
+     r"must end with a user message"),
+    ({"conversation_id": None}, r"conversation_id must be a string"),
+    ({"turn_index": None}, r"turn_index must be an int >= 0, got None"),
+    ({"turn_index": -1}, r"turn_index must be an int >= 0"),
+    ({"message_index": 3}, r"message_index \(3\) must be the index of y"),
+    ({"user_key": 7}, r"user_key must be a string or None"),
+    ({"metadata": None}, r"metadata must be a dict"),
+    ({"full_x": [{"role": "user"}]}, r"InteractionTuple.full_x\[0\] must be"),
+])
+def test_hand_built_tuples_with_bad_fields_raise_data_error(change, message):
+    from hsd.data import DataError
+
+    with pytest.raises(DataError, match=message):
+        InteractionTuple(**{**GOOD_TUPLE, **change})
