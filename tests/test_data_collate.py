@@ -78,11 +78,21 @@ def test_collator_rejects_mixed_or_empty_batches_and_missing_pad(setup):
     per_tuple = tokenize_tuple(groups[0][0], tok, "offline", CFG)
     (packed, *_) = tokenize_conversation(groups[0], tok, "offline", CFG)
     collate = HindsightCollator(tok.pad_token_id)
-    with pytest.raises(TypeError, match="only TupleExample or only ConversationExample"):
+    with pytest.raises(ValueError, match="only TupleExample or only ConversationExample"):
         collate([per_tuple, packed])
+    with pytest.raises(ValueError, match="only TupleExample .* got dict"):
+        collate([{"input_ids": [1, 2]}])
+    with pytest.raises(ValueError, match="single example"):
+        collate(packed)
+    with pytest.raises(ValueError, match="list of examples, got int"):
+        collate(3)
     with pytest.raises(ValueError, match="empty"):
         collate([])
     no_pad = tiny_chat_tokenizer("chatml", pad=None)
     assert HindsightCollator.from_tokenizer(no_pad).pad_token_id == no_pad.eos_token_id
-    with pytest.raises(ValueError, match="pad_token_id must be an int"):
-        HindsightCollator(None)
+    for bad in (None, "0", -1, True, 1.0):
+        with pytest.raises(ValueError, match="pad_token_id must be a non-negative int"):
+            HindsightCollator(bad)
+    for bad in (0, -8, 2.5, "8"):
+        with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+            HindsightCollator(0, pad_to_multiple_of=bad)

@@ -9,7 +9,7 @@ The pipeline, in the order data flows::
 """
 
 from .collate import HindsightCollator
-from .layouts import ConversationExample, LayoutConfig, PackedTuple, TupleExample
+from .layouts import ConversationExample, LayoutConfig, PackedTuple, StudentBranch, TupleExample
 from .readers import read_conversations, read_rows
 from .records import FORMATS, Conversation, DataError, RecordError, detect_format
 from .render import ChatRenderer, ChatTemplateError
@@ -34,6 +34,7 @@ __all__ = [
     "LayoutConfig",
     "PackedTuple",
     "RecordError",
+    "StudentBranch",
     "TupleExample",
     "append_to_last_user",
     "append_to_system",

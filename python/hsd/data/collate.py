@@ -7,6 +7,15 @@ Every batch carries, for each scored response token n (flattened over the batch,
 ``teacher_scored_positions[n]`` (the same as a teacher position id) and ``target_ids[n]``.
 Padding is on the right and every mask is explicit, so ``pad_token_id == eos_token_id`` is
 safe: the end-of-turn token is scored from ``response_mask``, never inferred from ids.
+
+A packed batch is a batch of token trees (:class:`~hsd.data.layouts.ConversationExample`):
+``position_ids`` [B, L] holds each row's position ids (trunk index i -> i, the j-th token of a
+branch -> its attach point + j; padding continues from the row's largest position),
+``trunk_lengths`` [B] the trunk length of each row, and ``student_branch_batch_index``,
+``student_branch_starts``, ``student_branch_ends``, ``student_branch_attach`` [num_branches]
+describe every student branch (empty when there is none). Attention: a trunk token q attends
+trunk tokens k <= q; a token q of a branch attends trunk tokens k < attach and its own branch's
+tokens up to q; nothing else attends a branch token.
 """
 
 from __future__ import annotations
@@ -32,8 +41,12 @@ class HindsightCollator:
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        if not isinstance(pad_token_id, int):
-            raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+        if pad_to_multiple_of is not None and (
+            isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
 
@@ -63,13 +76,22 @@ class HindsightCollator:
         return torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(width, dtype=torch.long)[None, :]
 
     def __call__(self, examples: Sequence[TupleExample | ConversationExample]) -> dict[str, torch.Tensor]:
+        if isinstance(examples, (TupleExample, ConversationExample)):
+            raise ValueError("the collator takes a list of examples, got a single example; wrap it in a list")
+        try:
+            examples = list(examples)
+        except TypeError:
+            raise ValueError(f"the collator takes a list of examples, got {type(examples).__name__}") from None
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         if all(isinstance(e, TupleExample) for e in examples):
             return self._collate_tuples(examples)
         if all(isinstance(e, ConversationExample) for e in examples):
             return self._collate_packed(examples)
-        raise TypeError("a batch must hold only TupleExample or only ConversationExample items")
+        kinds = sorted({type(e).__name__ for e in examples})
+        raise ValueError(
+            f"a batch must hold only TupleExample or only ConversationExample items, got {', '.join(kinds)}"
+        )
 
     def _scored(self, tuples, batch_rows) -> dict[str, torch.Tensor]:
         fields = {k: [] for k in ("scored_tuple_index", "scored_batch_index", "student_scored_positions",
@@ -105,16 +127,33 @@ class HindsightCollator:
 
     def _collate_packed(self, examples: Sequence[ConversationExample]) -> dict[str, torch.Tensor]:
         ids, mask = self._pad([e.input_ids for e in examples], self.pad_token_id)
+        # Padding positions only need to increase: continue from the row's largest position id.
+        positions = torch.zeros_like(ids)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            positions[row, :n] = torch.tensor(e.position_ids, dtype=torch.long)
+            last = max(e.position_ids, default=-1)
+            positions[row, n:] = torch.arange(last + 1, last + 1 + ids.shape[1] - n, dtype=torch.long)
+        branches = [(row, b) for row, e in enumerate(examples) for b in e.student_branches]
         tuples = [t for e in examples for t in e.tuples]
         rows = [row for row, e in enumerate(examples) for _ in e.tuples]
         suffix, suffix_mask = self._pad([t.teacher_suffix_ids for t in tuples], self.pad_token_id)
         offsets = [t.prefix_offset for t in tuples]
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=torch.long)
+
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "position_ids": self._positions([0] * len(examples), ids.shape[1]),
-            "teacher_batch_index": torch.tensor(rows, dtype=torch.long),
-            "teacher_prefix_offsets": torch.tensor(offsets, dtype=torch.long),
+            "position_ids": positions,
+            "trunk_lengths": column(e.trunk_len for e in examples),
+            "student_branch_batch_index": column(row for row, _ in branches),
+            "student_branch_starts": column(b.start for _, b in branches),
+            "student_branch_ends": column(b.end for _, b in branches),
+            "student_branch_attach": column(b.attach for _, b in branches),
+            "teacher_batch_index": column(rows),
+            "teacher_prefix_offsets": column(offsets),
             "teacher_suffix_ids": suffix,
             "teacher_suffix_attention_mask": suffix_mask,
             "teacher_suffix_position_ids": self._positions(offsets, suffix.shape[1]),

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["LayoutConfig", "TupleExample", "PackedTuple", "ConversationExample"]
+__all__ = ["LayoutConfig", "TupleExample", "PackedTuple", "StudentBranch", "ConversationExample"]
 
 
 @dataclass
@@ -139,10 +139,13 @@ class TupleExample:
 class PackedTuple:
     """One scored tuple inside a packed conversation sequence.
 
-    The student's view is ``input_ids[:response_end]`` of the enclosing
-    :class:`ConversationExample`; the teacher's is ``input_ids[:prefix_offset] +
-    teacher_suffix_ids`` (hindsight block, end of the user turn, assistant header, y,
-    end-of-turn), with suffix position ids starting at ``prefix_offset``.
+    The student's view is ``student_context(k)`` of the enclosing :class:`ConversationExample`
+    (``input_ids[:response_end]`` for a reply in the trunk); the teacher's is
+    ``input_ids[:prefix_offset] + teacher_suffix_ids`` (hindsight block, end of the user turn,
+    assistant header, y, end-of-turn), with suffix position ids starting at ``prefix_offset``
+    (the prefix always lies in the trunk). ``response_start``/``response_end`` index
+    ``input_ids``; a branched reply never starts its branch, so ``response_start - 1`` (the row
+    predicting its first token) is always in the same branch or trunk as the reply.
     """
 
     turn_index: int
@@ -178,15 +181,101 @@ class PackedTuple:
         return [t for t, keep in zip(self.response_ids, self.response_mask) if keep]
 
 
+@dataclass(frozen=True)
+class StudentBranch:
+    """A student-only continuation of the trunk (see :class:`ConversationExample`).
+
+    Its tokens are ``input_ids[start:end]`` (``start >= trunk_len``); it continues the trunk
+    after ``input_ids[:attach]``, so its j-th token has position id ``attach + j``. It holds
+    at least one token before its reply (so the row predicting the reply's first token is in
+    the branch).
+    """
+
+    start: int
+    end: int
+    attach: int
+
+
 @dataclass
 class ConversationExample:
-    """Packed layout: one student sequence for a conversation (or one window of it)."""
+    """Packed layout: one student token tree for a conversation (or one window of it).
+
+    ``input_ids[:trunk_len]`` is the **trunk**: the window as the chat template renders it as
+    history. A reply whose last-turn rendering differs from its history rendering (Qwen3's
+    empty think block, reasoning stripped from history, ...) is scored in a **student branch**:
+    ``input_ids[b.start:b.end]`` for ``b`` in ``student_branches``, stored after the trunk,
+    branch after branch, continuing the trunk after ``input_ids[:b.attach]``.
+
+    Attention rule (the only one): a trunk token q attends trunk tokens k <= q; a token q of
+    branch b attends trunk tokens k < b.attach and tokens b.start <= k <= q of its own branch;
+    no other token ever attends a branch token. ``position_ids[i]`` is i in the trunk and
+    ``b.attach + (i - b.start)`` in a branch. Without branches, ``trunk_len == len(input_ids)``
+    and this is one causal sequence.
+
+    Each :class:`PackedTuple`'s ``response_start``/``response_end`` and
+    ``student_scored_positions`` index ``input_ids`` (inside the branch for a branched reply);
+    its teacher prefix ``input_ids[:prefix_offset]`` always lies in the trunk.
+    """
 
     conversation_id: str
     window_index: int
     first_message: int  # conversation index of the window's first non-system message
     input_ids: list[int]
     tuples: list[PackedTuple]
+    trunk_len: int | None = None
+    position_ids: list[int] | None = None
+    student_branches: list[StudentBranch] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.trunk_len is None:
+            self.trunk_len = len(self.input_ids) - sum(b.end - b.start for b in self.student_branches)
+        expected = self.trunk_len
+        for b in self.student_branches:
+            if b.start != expected or b.end <= b.start or not 1 <= b.attach <= self.trunk_len:
+                raise ValueError(
+                    f"student branch {b} does not follow the trunk ({self.trunk_len} tokens) and the branches before it"
+                )
+            expected = b.end
+        if expected != len(self.input_ids):
+            raise ValueError(f"trunk and branches cover {expected} of {len(self.input_ids)} input ids")
+        if self.position_ids is None:
+            self.position_ids = list(range(self.trunk_len))
+            for b in self.student_branches:
+                self.position_ids.extend(range(b.attach, b.attach + b.end - b.start))
+        if len(self.position_ids) != len(self.input_ids):
+            raise ValueError(f"position_ids has {len(self.position_ids)} entries for {len(self.input_ids)} input ids")
+
+    def branch_of(self, index: int) -> StudentBranch | None:
+        """The branch holding ``input_ids[index]``, or None for a trunk token."""
+        if index < self.trunk_len:
+            return None
+        for b in self.student_branches:
+            if b.start <= index < b.end:
+                return b
+        raise IndexError(f"index {index} is outside input_ids ({len(self.input_ids)} tokens)")
+
+    def student_context(self, k: int) -> list[int]:
+        """The ids the k-th tuple's student sees, up to and including its end-of-turn token.
+
+        ``input_ids[:response_end]`` for a trunk reply, ``input_ids[:attach] +
+        input_ids[start:response_end]`` for a branched one; it equals the per-tuple layout's
+        ``student_ids`` for the same tuple and window (history unlimited).
+        """
+        t = self.tuples[k]
+        b = self.branch_of(t.response_start)
+        if b is None:
+            return self.input_ids[: t.response_end]
+        return self.input_ids[: b.attach] + self.input_ids[b.start : t.response_end]
+
+    def attends(self, q: int, k: int) -> bool:
+        """Whether row ``q`` attends row ``k`` under the tree's attention rule (for tests and
+        reference implementations; a forward builds the mask from the collated fields)."""
+        if k > q:
+            return False
+        bq, bk = self.branch_of(q), self.branch_of(k)
+        if bq is None:
+            return bk is None
+        return bk is bq or (bk is None and k < bq.attach)
 
     @property
     def response_spans(self) -> list[tuple[int, int]]:
