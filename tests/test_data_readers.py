@@ -170,3 +170,120 @@ def test_a_utf8_byte_order_mark_does_not_lose_the_first_record(tmp_path, suffix)
     path = tmp_path / f"bom{suffix}"
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert [c.messages[0]["content"] for c in read_conversations(path)] == ["Hi", "Yo"]
+
+
+# ---- bad inputs: each with its error or its count (under on_error="skip") ----------------------
+
+
+HI = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+
+
+def read_skipping(source, **kw):
+    report = DataReport()
+    convs = list(read_conversations(source, on_error="skip", report=report, **kw))
+    return convs, report
+
+
+def test_a_lone_surrogate_in_json_content_is_a_record_error_not_a_tokenizer_crash(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    # JSON's \u escapes: a pair is one emoji; half a pair is not Unicode.
+    path.write_text(json.dumps(HI) + "\n"
+                    + '{"messages": [{"role": "user", "content": "smile \\ud83d please"}]}\n'
+                    + '{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}\n')
+    with pytest.raises(RecordError, match=r"surrogate.jsonl line 2: .*message 0: holds a lone UTF-16 surrogate U\+D83D"):
+        list(read_conversations(path))
+    convs, report = read_skipping(path)
+    assert [c.messages[0]["content"] for c in convs] == ["Hi", "smile \U0001F600"]
+    assert report.skipped_records == {"invalid_text": 1}
+    assert report.skipped_locations == {"invalid_text": [f"{path} line 2"]}
+    for bad in ({"id": "x\udc00", **HI}, {"language": "\ud800", **HI}):  # other text fields too
+        assert read_skipping([bad])[1].skipped_records == {"invalid_text": 1}
+
+
+def test_hand_built_conversations_are_checked():
+    from hsd.data import Conversation
+
+    with pytest.raises(RecordError, match=r"conversation 'c', message 0: expected"):
+        Conversation(messages=[{"role": "user", "content": None}], id="c")
+    with pytest.raises(RecordError, match=r"message 1: expected"):
+        Conversation(messages=[{"role": "user", "content": "u"}, {"role": "gpt", "content": "a"}], id="c")
+    with pytest.raises(RecordError, match=r"Conversation.id must be a string, got NoneType"):
+        Conversation(messages=[], id=None)
+    with pytest.raises(RecordError, match=r"lone UTF-16 surrogate"):
+        Conversation(messages=[{"role": "user", "content": "\udfff"}], id="c")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_a_corrupt_parquet_file_is_named(tmp_path, damage):
+    good = tmp_path / "good.parquet"
+    datasets.Dataset.from_list([HI] * 3).to_parquet(str(good))
+    data = good.read_bytes()
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes({"garbage": b"not a parquet file at all", "truncated": data[: len(data) // 2], "empty": b""}[damage])
+    with pytest.raises(RecordError, match=rf"{bad}: not a readable parquet file \("):
+        list(read_conversations(bad))
+    # In a directory of shards, the corrupt one is counted and the others are read.
+    convs, report = read_skipping(tmp_path)
+    assert len(convs) == 3
+    assert report.skipped_records == {"unreadable_file": 1} and report.skipped_locations["unreadable_file"] == [str(bad)]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_utf16_and_utf32_files_are_decoded(tmp_path, encoding, suffix):
+    rows = [HI, {"messages": [{"role": "user", "content": "naïve café ✓ \U0001F600"}]}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    path = tmp_path / f"wide{suffix}"
+    path.write_bytes(text.encode(encoding))  # "utf-16"/"utf-32" write a byte order mark, "-le"/"-be" do not
+    assert [c.messages for c in read_conversations(path)] == [c.messages for c in read_conversations(rows)]
+
+
+def test_jsonl_saved_as_json_is_read_as_json_lines(tmp_path):
+    path = tmp_path / "actually_lines.json"
+    path.write_text(json.dumps(HI) + "\n" + "{broken\n" + json.dumps(HI) + "\n")
+    with pytest.raises(RecordError, match=r"actually_lines.json line 2: invalid JSON"):
+        list(read_conversations(path))
+    convs, report = read_skipping(path)
+    assert len(convs) == 2 and report.skipped_records == {"invalid_json": 1}
+    # One object on one line is a JSON document, not JSON Lines: it must hold records.
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(HI))
+    with pytest.raises(RecordError, match=r"single.json: a .json file must hold a list of records.*holds one dict"):
+        list(read_conversations(single))
+    assert read_skipping(single)[1].skipped_records == {"unreadable_file": 1}
+
+
+def test_an_unparsable_json_file_is_skipped_whole_under_skip(tmp_path):
+    (tmp_path / "a.json").write_text("[{")
+    write_jsonl(tmp_path / "b.jsonl", [HI])
+    convs, report = read_skipping(tmp_path)
+    assert len(convs) == 1 and report.skipped_records == {"unreadable_file": 1}
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_an_empty_input_warns(tmp_path, caplog, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with caplog.at_level("WARNING", logger="hsd.data"):
+        assert list(read_conversations(path)) == []
+    assert "empty.jsonl: the input holds no records" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hsd.data"):
+        assert list(read_conversations([HI], limit=0)) == []  # asked for nothing: no warning
+    assert caplog.text == ""
+
+
+def test_a_negative_limit_is_an_error_at_the_call():
+    with pytest.raises(ValueError, match=r"limit must be an int >= 0 or None, got -1"):
+        read_conversations([HI], limit=-1)
+    with pytest.raises(ValueError, match="on_error"):
+        read_conversations([HI], on_error="ignore")
+
+
+def test_skipped_records_keep_their_locations_bounded(tmp_path):
+    path = tmp_path / "many_bad.jsonl"
+    path.write_text("{\n" * 30 + json.dumps(HI) + "\n")
+    convs, report = read_skipping(path)
+    assert len(convs) == 1 and report.skipped_records == {"invalid_json": 30}
+    assert report.skipped_locations["invalid_json"] == [f"{path} line {i}" for i in range(1, 21)]
+    assert f"{path} line 1, {path} line 2, {path} line 3, ..." in report.summary()

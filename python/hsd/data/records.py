@@ -7,6 +7,7 @@ Every reader in :mod:`hsd.data.readers` yields :class:`Conversation` objects bui
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -42,7 +43,31 @@ class DataError(ValueError):
 
 
 class RecordError(DataError):
-    """A source record cannot be turned into a conversation (missing field, bad type, ...)."""
+    """A source record cannot be turned into a conversation (missing field, bad type, ...).
+
+    ``reason`` is the name it is counted under when records are skipped (``invalid_record``,
+    ``invalid_text``, ``invalid_json``, ``invalid_utf8``, ``unreadable_file``).
+    """
+
+    def __init__(self, message: str, reason: str = "invalid_record"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# A UTF-16 surrogate code point on its own: JSON's "\ud800" escape decodes to one, and it cannot
+# be encoded (tokenizers and UTF-8 output files reject it far from the record that held it).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, where: str) -> None:
+    """Raise :class:`RecordError` (reason ``invalid_text``) if ``text`` is not valid Unicode."""
+    bad = _LONE_SURROGATE.search(text)
+    if bad is not None:
+        raise RecordError(
+            f"{where}: holds a lone UTF-16 surrogate U+{ord(bad.group()):04X} at character {bad.start()} "
+            "(not valid Unicode; often a JSON \\u escape cut in half)",
+            reason="invalid_text",
+        )
 
 
 @dataclass
@@ -68,6 +93,30 @@ class Conversation:
     user_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     response_indices: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        # Hand-built records fail here, naming the message, not later inside a tokenizer.
+        if not isinstance(self.id, str):
+            raise RecordError(f"Conversation.id must be a string, got {type(self.id).__name__}")
+        check_text(self.id, "Conversation.id")
+        where = f"conversation {self.id!r}"
+        if not isinstance(self.messages, list):
+            raise RecordError(f"{where}: messages must be a list, got {type(self.messages).__name__}")
+        for i, m in enumerate(self.messages):
+            if not isinstance(m, Mapping) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                raise RecordError(
+                    f"{where}, message {i}: expected {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r}"
+                )
+            check_text(m["content"], f"{where}, message {i}")
+        for name in ("source_model", "language", "user_key"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, str):
+                    raise RecordError(f"{where}: {name} must be a string or None, got {type(value).__name__}")
+                check_text(value, f"{where}, {name}")
+
+
+_ROLES = frozenset(ROLE_ALIASES.values())
 
 
 def _record_name(index: int, record_id: Any = None) -> str:
