@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
     const c10::optional<at::Tensor>& teacher_bias, const c10::optional<at::Tensor>& target_ids,
     const at::Tensor& coef, const c10::optional<at::Tensor>& advantage, int64_t mode,
     double alpha, double temperature, int64_t topk, bool topk_from_teacher, bool tail,
-    double signal_clip, double kl_clip, bool compute_grad) {
+    double signal_clip, double kl_clip, bool grad_hidden, bool grad_weight, bool grad_bias) {
   TORCH_CHECK(student_hidden.dim() == 2 && teacher_hidden.sizes() == student_hidden.sizes(),
               "hsd: student_hidden and teacher_hidden must both be [N, H]");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == student_hidden.size(1),
@@ -159,6 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
   // validates targets, coef and advantage against a [N, V] shape
   const at::Tensor shape = at::empty({n, vocab}, at::TensorOptions().device(at::kMeta));
   check_logits_inputs(shape, shape, target_ids, coef, advantage);
+  // only the gradients asked for: a frozen head skips the [V, H] buffer and its GEMM, a pure
+  // forward skips the gradient rows and every backward GEMM
+  grad_bias = grad_bias && bias.has_value();
+  const bool compute_grad = grad_hidden || grad_weight || grad_bias;
   const RowSpec spec = make_spec(mode, alpha, temperature, topk, topk_from_teacher, tail,
                                  signal_clip, kl_clip, compute_grad, vocab, target_ids.has_value());
 
@@ -168,6 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
   const at::Tensor tw = shared_head ? w : teacher_weight.to(acc).contiguous();
   const auto b = to_acc(bias, acc);
   const auto tb = shared_head ? b : to_acc(teacher_bias, acc);
+  // the teacher's logits are the student's (hsd.loss's second, centred pass): one GEMM, a copy
+  const bool same_logits = shared_head && same_view(teacher_hidden, student_hidden);
   const auto target = target_ids.has_value() ? c10::optional<at::Tensor>(target_ids->contiguous())
                                              : c10::nullopt;
   const at::Tensor coef_acc = coef.to(acc).contiguous();
@@ -175,10 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
 
   const auto opts = student_hidden.options().dtype(acc);
   at::Tensor loss = at::empty({n}, opts), stats = at::empty({n, 4}, opts);
-  at::Tensor grad_h = compute_grad ? at::empty_like(student_hidden, at::MemoryFormat::Contiguous)
-                                   : empty_grad(student_hidden);
-  at::Tensor grad_w = compute_grad ? at::zeros({vocab, weight.size(1)}, opts) : empty_grad(w);
-  at::Tensor grad_b = compute_grad && bias.has_value() ? at::zeros({vocab}, opts) : empty_grad(w);
+  at::Tensor grad_h = grad_hidden ? at::empty_like(student_hidden, at::MemoryFormat::Contiguous)
+                                  : empty_grad(student_hidden);
+  at::Tensor grad_w = grad_weight ? at::zeros({vocab, weight.size(1)}, opts) : empty_grad(w);
+  at::Tensor grad_b = grad_bias ? at::zeros({vocab}, opts) : empty_grad(w);
   if (n == 0) return {loss, stats, grad_h, grad_w, grad_b};
 
   const int64_t step = chunk_rows(n, vocab);
@@ -193,24 +199,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
     at::Tensor s = both.narrow(0, 0, len), t = both.narrow(0, len, len);
     at::Tensor h = hidden_buf.narrow(0, 0, len), th = hidden_buf.narrow(0, len, len);
     h.copy_(student_hidden.narrow(0, i, len));
-    th.copy_(teacher_hidden.narrow(0, i, len));
-    if (shared_head) {
+    if (same_logits) {
+      project(s, h, w, b);
+      t.copy_(s);
+    } else if (shared_head) {
+      th.copy_(teacher_hidden.narrow(0, i, len));
       project(both, hidden_buf.narrow(0, 0, 2 * len), w, b);  // one pass over W for both sides
     } else {
+      th.copy_(teacher_hidden.narrow(0, i, len));
       project(s, h, w, b);
       project(t, th, tw, tb);
     }
     run_rows(spec, s, t, rows_of(target, i, len), coef_acc.narrow(0, i, len),
              rows_of(adv_acc, i, len), loss.narrow(0, i, len), stats.narrow(0, i, len));
-    if (!compute_grad) continue;
-    at::Tensor gh = grad_h.narrow(0, i, len);
-    if (same_dtype) {
-      at::mm_out(gh, s, w);
-    } else {
-      gh.copy_(at::mm(s, w));
+    if (grad_hidden) {
+      at::Tensor gh = grad_h.narrow(0, i, len);
+      if (same_dtype) {
+        at::mm_out(gh, s, w);
+      } else {
+        gh.copy_(at::mm(s, w));
+      }
     }
-    grad_w.addmm_(s.t(), h);
-    if (bias.has_value()) grad_b.addmv_(s.t(), ones.narrow(0, 0, len));
+    if (grad_weight) grad_w.addmm_(s.t(), h);
+    if (grad_bias) grad_b.addmv_(s.t(), ones.narrow(0, 0, len));
   }
   return {loss, stats, grad_h, grad_w, grad_b};
 }
@@ -270,7 +281,8 @@ TORCH_LIBRARY(hsd, m) {
       "fused_hindsight(Tensor student_hidden, Tensor teacher_hidden, Tensor weight, "
       "Tensor? bias, Tensor teacher_weight, Tensor? teacher_bias, Tensor? target_ids, "
       "Tensor coef, Tensor? advantage, int mode, float alpha, float temperature, int topk, "
-      "bool topk_from_teacher, bool tail, float signal_clip, float kl_clip, bool compute_grad) "
+      "bool topk_from_teacher, bool tail, float signal_clip, float kl_clip, bool grad_hidden, "
+      "bool grad_weight, bool grad_bias) "
       "-> (Tensor token_loss, Tensor stats, Tensor grad_hidden, Tensor grad_weight, "
       "Tensor grad_bias)");
   m.def(

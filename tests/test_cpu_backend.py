@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hsd
-from hsd.backends import FULL, SAMPLED, TOPK, DivergenceSpec, cpu, reference
+from hsd.backends import FULL, SAMPLED, TOPK, DivergenceSpec, GradNeeds, cpu, reference
 
 pytestmark = pytest.mark.skipif(not cpu.is_available(), reason="hsd._C is not built")
 
@@ -52,10 +52,11 @@ def cast(inputs, dtype):
 
 
 def run_fused(backend, inputs, spec, compute_grad=True):
+    """``compute_grad``: a GradNeeds, or a bool for every gradient / none."""
+    needs = compute_grad if isinstance(compute_grad, GradNeeds) else GradNeeds(*[compute_grad] * 3)
     return backend.fused(inputs["student_hidden"], inputs["teacher_hidden"], inputs["weight"],
                          inputs["bias"], inputs["teacher_weight"], inputs["teacher_bias"],
-                         inputs["target_ids"], inputs["coef"], inputs["advantage"], spec,
-                         compute_grad)
+                         inputs["target_ids"], inputs["coef"], inputs["advantage"], spec, needs)
 
 
 def check_fused(inputs, spec, dtype=torch.float32, tol=FP32_TOL):
@@ -145,6 +146,29 @@ def test_fused_no_grad_and_no_targets():
     assert torch.all(out[1][:, :3] == 0)
 
 
+@pytest.mark.parametrize("needs", [GradNeeds(True, False, False), GradNeeds(False, True, False),
+                                   GradNeeds(False, False, True), GradNeeds(True, True, False)],
+                         ids=repr)
+def test_fused_computes_only_the_gradients_asked_for(needs):
+    inputs = make_fused(9, 16, 131)
+    expected = run_fused(reference, inputs, DivergenceSpec(mode=FULL, alpha=0.5))
+    for backend in (cpu, reference):
+        out = run_fused(backend, cast(inputs, torch.float64), DivergenceSpec(mode=FULL, alpha=0.5),
+                        needs)
+        for got, full, flag in zip(out[2:], expected[2:], needs):
+            assert (got is not None) == flag
+            if flag:
+                assert rel_err(got, full) <= 1e-10
+        assert rel_err(out[0], expected[0]) <= 1e-10
+
+
+def test_op_returns_empty_tensors_for_gradients_not_asked_for():
+    args = list(op_args())
+    args[-3:] = [False, True, False]
+    _, _, gh, gw, gb = torch.ops.hsd.fused_hindsight(*args)
+    assert gh.numel() == 0 and gb.numel() == 0 and gw.shape == args[2].shape
+
+
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[2], SPECS[4], SPECS[5], SPECS[6]],
                          ids=repr)
 def test_nan_inputs_give_nan(spec):
@@ -222,17 +246,22 @@ def test_public_api_cpu_vs_reference(options):
 
 
 def op_args(n=5, hidden=8, vocab=40, compute_grad=True, requires_grad=False):
+    """Arguments of hsd::fused_hindsight; ``compute_grad`` sets its three gradient flags."""
     h = torch.randn(n, hidden, requires_grad=requires_grad)
     w = torch.randn(vocab, hidden, requires_grad=requires_grad)
     b = torch.randn(vocab, requires_grad=requires_grad)
     return (h, torch.randn(n, hidden), w, b, w.detach(), b.detach(), torch.randint(0, vocab, (n,)),
-            torch.rand(n), None, 1, 0.5, 1.0, 0, False, True, 0.0, 0.0, compute_grad)
+            torch.rand(n), None, 1, 0.5, 1.0, 0, False, True, 0.0, 0.0) + (compute_grad,) * 3
 
 
 def test_opcheck_both_ops():
     for compute_grad in (False, True):
         torch.library.opcheck(torch.ops.hsd.fused_hindsight.default,
                               op_args(compute_grad=compute_grad, requires_grad=True))
+    frozen_head = list(op_args(requires_grad=True))
+    frozen_head[2], frozen_head[3] = frozen_head[2].detach(), frozen_head[3].detach()
+    frozen_head[-3:] = [True, False, False]
+    torch.library.opcheck(torch.ops.hsd.fused_hindsight.default, tuple(frozen_head))
     s = torch.randn(6, 50, requires_grad=True)
     for mode in (0, 2):
         torch.library.opcheck(torch.ops.hsd.hindsight_from_logits.default,
@@ -252,7 +281,8 @@ def test_op_autograd_matches_forward_gradients():
 def test_torch_compile_fullgraph():
     def step(h, th, w, b, y, coef):
         loss, stats, gh, gw, gb = torch.ops.hsd.fused_hindsight(
-            h, th, w, b, w, b, y, coef, None, 1, 1.0, 1.0, 0, False, True, 0.0, 0.0, True)
+            h, th, w, b, w, b, y, coef, None, 1, 1.0, 1.0, 0, False, True, 0.0, 0.0, True, True,
+            True)
         return (coef * loss).sum(), gh * 2, gw, stats
 
     args = op_args()

@@ -81,20 +81,16 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def _fake_fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
                 target_ids, coef, advantage, mode, alpha, temperature, topk, topk_from_teacher,
-                tail, signal_clip, kl_clip, compute_grad):
+                tail, signal_clip, kl_clip, grad_hidden, grad_weight, grad_bias):
     acc = _acc_dtype(student_hidden)
     n, hidden = student_hidden.shape
     vocab = weight.shape[0]
     loss = student_hidden.new_empty(n, dtype=acc)
     stats = student_hidden.new_empty(n, 4, dtype=acc)
-    if compute_grad:
-        grad_h = student_hidden.new_empty(n, hidden)
-        grad_w = student_hidden.new_empty(vocab, hidden, dtype=acc)
-        grad_b = student_hidden.new_empty(vocab if bias is not None else 0, dtype=acc)
-    else:
-        grad_h = student_hidden.new_empty(0)
-        grad_w = student_hidden.new_empty(0, dtype=acc)
-        grad_b = student_hidden.new_empty(0, dtype=acc)
+    # a gradient that is not asked for is an empty tensor (as the C++ kernel returns it)
+    grad_h = student_hidden.new_empty((n, hidden) if grad_hidden else (0,))
+    grad_w = student_hidden.new_empty((vocab, hidden) if grad_weight else (0,), dtype=acc)
+    grad_b = student_hidden.new_empty(vocab if grad_bias and bias is not None else 0, dtype=acc)
     return loss, stats, grad_h, grad_w, grad_b
 
 
@@ -119,16 +115,20 @@ def _setup_fused(ctx, inputs, output):
 
 
 def _backward_fused(ctx, grad_loss, _grad_stats, _gh, _gw, _gb):
-    """d(sum_i g_i * token_loss_i): rerun the operator with coef = g (the teacher side and the
-    advantage are constants; the returned gradient tensors are not differentiable)."""
+    """d(sum_i g_i * token_loss_i): rerun the operator with coef = g, computing only the
+    gradients autograd needs (the teacher side and the advantage are constants; the returned
+    gradient tensors are not differentiable)."""
     h, th, w, b, tw, tb, target, advantage = ctx.saved_tensors
-    if grad_loss is None:
-        return (None,) * 18
+    need_h, _, need_w, need_b = ctx.needs_input_grad[:4]
+    if grad_loss is None or not (need_h or need_w or need_b):
+        return (None,) * 20
     _, _, gh, gw, gb = torch.ops.hsd.fused_hindsight(
-        h, th, w, b, tw, tb, target, grad_loss, advantage, *ctx.scalars, True)
-    gw = gw.to(w.dtype)
-    gb = gb.to(b.dtype) if ctx.has_bias else None
-    return (gh, None, gw, gb) + (None,) * 14
+        h, th, w, b, tw, tb, target, grad_loss, advantage, *ctx.scalars, need_h, need_w,
+        need_b and ctx.has_bias)
+    gh = gh if need_h else None
+    gw = gw.to(w.dtype) if need_w else None
+    gb = gb.to(b.dtype) if need_b and ctx.has_bias else None
+    return (gh, None, gw, gb) + (None,) * 16
 
 
 def _setup_logits(ctx, inputs, output):

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends import FULL, MODES, SAMPLED, TOPK, DivergenceSpec, select_backend
+from .backends import (FULL, MODES, NO_GRAD, SAMPLED, TOPK, DivergenceSpec, GradNeeds,
+                       select_backend)
 
 logger = logging.getLogger("hsd")
 
@@ -218,7 +219,7 @@ def _reduction_coef(w, dense, num_seqs, reduction, num_items):
 
 def _centred_advantage(run, coef, dense, num_seqs, signal_clip):
     """Per-sequence mean-centred (then clipped) A_t, from a statistics-only backend pass."""
-    _, stats, *_ = run(coef, None, False)
+    _, stats, *_ = run(coef, None, NO_GRAD)
     adv = stats[:, 2]
     valid = (coef != 0).to(adv.dtype)
     zeros = torch.zeros(num_seqs, dtype=adv.dtype, device=adv.device)
@@ -231,8 +232,14 @@ def _centred_advantage(run, coef, dense, num_seqs, signal_clip):
 # ----------------------------------------------------------------------------------------------
 # Autograd: backends return the gradient of sum_i coef_i * token_loss_i with the forward
 # ----------------------------------------------------------------------------------------------
+def _grad_needs(flags) -> GradNeeds:
+    """GradNeeds from autograd's flags for (hidden or logits, weight, bias), missing ones False."""
+    flags = tuple(bool(f) for f in flags)
+    return GradNeeds(*(flags + (False,) * (3 - len(flags))))
+
+
 class _HindsightFunction(torch.autograd.Function):
-    """Calls ``run(coef, advantage, compute_grad)``; differentiable inputs are ``diff_inputs``.
+    """Calls ``run(coef, advantage, needs)``; differentiable inputs are ``diff_inputs``.
 
     For a scalar loss the backend returns the gradients with the forward; they are kept on ctx
     (not saved tensors) and scaled in place, so autograd adopts them as ``.grad`` without a copy
@@ -241,8 +248,9 @@ class _HindsightFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, per_token, coef, advantage, *diff_inputs):
-        needs_grad = any(ctx.needs_input_grad[4:])
-        token_loss, stats, *grads = run(coef, advantage, needs_grad and not per_token)
+        needs = _grad_needs(ctx.needs_input_grad[4:])
+        needs_grad = needs.any
+        token_loss, stats, *grads = run(coef, advantage, NO_GRAD if per_token else needs)
         weighted = torch.where(coef != 0, coef * token_loss, torch.zeros_like(token_loss))
         out = weighted if per_token else weighted.sum()
         ctx.run, ctx.per_token = run, per_token
@@ -258,7 +266,7 @@ class _HindsightFunction(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None:  # per-token loss, or a second backward: recompute with coef = g
             weights = coef * (grad_out if ctx.per_token else grad_out.expand_as(coef)).to(coef.dtype)
-            _, _, *grads = ctx.run(weights, advantage, True)
+            _, _, *grads = ctx.run(weights, advantage, _grad_needs(ctx.needs_input_grad[4:]))
         else:
             grads = [g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in grads]
         result = [None, None, None, None]
@@ -338,8 +346,10 @@ def hindsight_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     impl = select_backend(device, backend)
     teacher_logits = teacher_logits.detach()
 
-    def run(c, advantage, compute_grad):
-        return impl.logits(student_logits, teacher_logits, targets, c, advantage, spec, compute_grad)
+    def run(c, advantage, needs):
+        token_loss, stats, grad = impl.logits(student_logits, teacher_logits, targets, c,
+                                              advantage, spec, needs.hidden)
+        return token_loss, stats, grad
 
     advantage = _centred_advantage(run, coef, dense, num_seqs, spec.signal_clip) \
         if center and spec.mode == SAMPLED else None
@@ -420,9 +430,9 @@ def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     t_bias = teacher_bias if teacher_bias is not None else (bias if teacher_weight is None else None)
     t_bias = t_bias.detach() if t_bias is not None else None
 
-    def run(c, advantage, compute_grad):
+    def run(c, advantage, needs):
         return impl.fused(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, targets,
-                          c, advantage, spec, compute_grad)
+                          c, advantage, spec, needs)
 
     advantage = _centred_advantage(run, coef, dense, num_seqs, spec.signal_clip) \
         if center and spec.mode == SAMPLED else None

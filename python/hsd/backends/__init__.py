@@ -4,17 +4,21 @@ Every backend implements the same two functions (the *kernel contract*); ``hsd.l
 reductions, centring and autograd, and calls a backend only through :func:`select_backend`.
 
 ``fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-coef, advantage, spec, compute_grad)``
+coef, advantage, spec, needs)``
     student_hidden, teacher_hidden: [N, H]; weight: [V, H]; bias: [V] or None; teacher_weight /
     teacher_bias: the teacher's head, always given (it may be the same tensor as ``weight``;
-    teacher_bias None = no bias), never differentiated; target_ids: [N] int64 or None; coef: [N] float32 per-token
-    gradient weights (0 = the token is skipped and its gradient row is exactly 0);
-    advantage: [N] float32 or None (sampled mode: use these A_t instead of the computed ones).
+    teacher_bias None = no bias), never differentiated; target_ids: [N] int64 or None; coef: [N]
+    float32 per-token gradient weights (0 = the token is skipped and its gradient row is exactly
+    0); advantage: [N] float32 or None (sampled mode: use these A_t instead of the computed ones);
+    needs: a :class:`GradNeeds` saying which gradients to compute.
     Returns ``(token_loss [N] f32, stats [N, 4] f32, grad_hidden, grad_weight, grad_bias)``; the
-    gradients are those of ``sum_i coef_i * token_loss_i`` (grad_weight / grad_bias in float32),
-    or None when ``compute_grad`` is False or the input has no gradient (bias None).
+    gradients are those of ``sum_i coef_i * token_loss_i`` (grad_weight / grad_bias in float32).
+    A gradient whose ``needs`` flag is False is None and its work is skipped: no [V, H] buffer or
+    GEMM without ``needs.weight``, no gradient pass at all without ``needs.any``; grad_bias is
+    also None when bias is None.
 ``logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad)``
-    The same from [N, V] logits; returns ``(token_loss, stats, grad_student_logits)``.
+    The same from [N, V] logits; returns ``(token_loss, stats, grad_student_logits)``, the
+    gradient None when ``compute_grad`` is False.
 
 Per token, with s = student logits / T and t = teacher logits / T, lp = log_softmax:
     stats[:, 0] = lp_s[y], stats[:, 1] = lp_t[y], stats[:, 2] = A = lp_t[y] - lp_s[y]
@@ -32,7 +36,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -41,6 +45,34 @@ logger = logging.getLogger("hsd")
 SAMPLED, FULL, TOPK = 0, 1, 2
 MODES = {"sampled": SAMPLED, "full": FULL, "topk": TOPK}
 BACKEND_NAMES = ("reference", "torch", "cpu", "triton", "cuda")
+
+
+class GradNeeds(NamedTuple):
+    """Which gradients a ``fused`` call must compute (the others are None and cost nothing).
+
+    ``hsd.loss`` derives them from autograd: a frozen LM head (``weight.requires_grad=False``,
+    the LoRA case) asks for no weight gradient, ``torch.no_grad()`` for none at all.
+    """
+
+    hidden: bool = True
+    weight: bool = True
+    bias: bool = True
+
+    @property
+    def any(self) -> bool:
+        """Whether any gradient is needed (else the call is a pure forward)."""
+        return self.hidden or self.weight or self.bias
+
+
+NO_GRAD = GradNeeds(False, False, False)
+
+
+def as_needs(needs) -> GradNeeds:
+    """``needs`` as a :class:`GradNeeds`; a plain bool means every gradient or none."""
+    if isinstance(needs, GradNeeds):
+        return needs
+    flag = bool(needs)
+    return GradNeeds(flag, flag, flag)
 
 
 @dataclass(frozen=True)
@@ -81,12 +113,15 @@ def available_backends() -> list[str]:
     return [n for n in BACKEND_NAMES if _load(n) is not None]
 
 
-def select_backend(device: torch.device, requested: Optional[str] = None):
-    """The one dispatch point: returns the backend module for tensors on ``device``.
+_MODULES: dict = {}  # backend name -> module, filled by _resolve
 
-    ``requested`` (or the ``HSD_BACKEND`` environment variable) forces a backend and raises a
-    clear error when it is unavailable. Otherwise the fastest available one for the device.
-    """
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str, requested: Optional[str]) -> str:
+    """The name of the backend for ``device_type`` (imports and checks it; raises when a forced
+    one is unusable). Under ``torch.compile`` it runs once, eagerly, while tracing, and its
+    result is a constant of the graph: ``importlib`` cannot be traced."""
+    device = torch.device(device_type)
     requested = requested or os.environ.get("HSD_BACKEND") or None
     if requested:
         if requested not in BACKEND_NAMES:
@@ -97,10 +132,23 @@ def select_backend(device: torch.device, requested: Optional[str] = None):
                                f"(available: {available_backends()})")
         if not mod.supports(device):
             raise RuntimeError(f"hsd backend {requested!r} cannot run on {device} tensors")
-        return mod
+        _MODULES[requested] = mod
+        return requested
     order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
-    for name in order:
+    for name in order + ("reference",):
         mod = _load(name)
         if mod is not None and mod.supports(device):
-            return mod
-    return _load("reference")
+            _MODULES[name] = mod
+            return name
+    raise RuntimeError(f"no hsd backend supports {device} tensors")  # unreachable: reference
+
+
+def select_backend(device: torch.device, requested: Optional[str] = None):
+    """The one dispatch point: returns the backend module for tensors on ``device``.
+
+    ``requested`` (or the ``HSD_BACKEND`` environment variable) forces a backend and raises a
+    clear error when it is unavailable. Otherwise the fastest available one for the device.
+    Under ``torch.compile`` the choice is made when the graph is traced (changing
+    ``HSD_BACKEND`` afterwards takes a recompile).
+    """
+    return _MODULES[_resolve(torch.device(device).type, requested)]

@@ -9,6 +9,7 @@ bfloat16 / float16 inputs are upcast chunk by chunk (the LM head once per call).
 import torch
 
 from .. import _extension
+from . import as_needs
 
 name = "cpu"
 
@@ -22,16 +23,16 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-          coef, advantage, spec, compute_grad):
+          coef, advantage, spec, needs):
     """The contract's ``fused`` (see :mod:`hsd.backends`)."""
+    needs = as_needs(needs)
+    grad_bias = needs.bias and bias is not None
     loss, stats, grad_h, grad_w, grad_b = torch.ops.hsd.fused_hindsight(
         student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-        coef, advantage, *spec.op_args(), bool(compute_grad))
-    if not compute_grad:
-        return loss, stats, None, None, None
-    return loss, stats, grad_h, grad_w, grad_b if bias is not None else None
+        coef, advantage, *spec.op_args(), bool(needs.hidden), bool(needs.weight), grad_bias)
+    return (loss, stats, grad_h if needs.hidden else None, grad_w if needs.weight else None,
+            grad_b if grad_bias else None)
 
 
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):

@@ -10,7 +10,7 @@ Available only when the extension was built against a CUDA-enabled torch and a G
 import torch
 
 from .. import _extension
-from . import torch_chunked
+from . import as_needs, torch_chunked
 
 name = "cuda"
 CHUNK_ELEMENTS = 1 << 26  # float32 logits per chunk buffer (three buffers live at once)
@@ -56,11 +56,21 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
 
 
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-          coef, advantage, spec, compute_grad):
+          coef, advantage, spec, needs):
     """The contract's ``fused`` (see :mod:`hsd.backends`)."""
     if student_hidden.dtype == torch.float64:
         return torch_chunked.fused(student_hidden, teacher_hidden, weight, bias, teacher_weight,
-                                   teacher_bias, target_ids, coef, advantage, spec, compute_grad)
+                                   teacher_bias, target_ids, coef, advantage, spec, needs)
+    needs = as_needs(needs)
+    token_loss, stats, grad_h, grad_w, grad_b = _fused(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+        coef, advantage, spec, needs.any)
+    return (token_loss, stats, grad_h if needs.hidden else None,
+            grad_w if needs.weight else None, grad_b if needs.bias else None)
+
+
+def _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+           coef, advantage, spec, compute_grad):
     n, vocab = student_hidden.shape[0], weight.shape[0]
     device = student_hidden.device
     token_loss = torch.empty(n, dtype=torch.float32, device=device)

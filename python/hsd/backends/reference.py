@@ -1,10 +1,14 @@
-"""The reference backend: the definition in :mod:`hsd.loss`, with gradients from autograd.
+"""The reference backend: the definition in :mod:`hsd.definition`, with gradients from autograd.
 
 Materialises [N, V] logits (float32, or float64 for float64 inputs); use it to check, not to train.
+Logits stay float32 under autocast, and a call that needs no gradient runs without autograd (so it
+works under ``torch.inference_mode``).
 """
 
 import torch
 import torch.nn.functional as F
+
+from . import as_needs
 
 name = "reference"
 
@@ -17,9 +21,8 @@ def supports(device: torch.device) -> bool:
     return True
 
 
-def _weighted_grads(token_loss, coef, inputs, compute_grad):
-    if not compute_grad:
-        return [None] * len(inputs)
+def _weighted_grads(token_loss, coef, inputs):
+    """Gradients of sum_i coef_i * token_loss_i with respect to ``inputs`` (None stays None)."""
     total = torch.where(coef != 0, coef.to(token_loss.dtype) * token_loss,
                         torch.zeros_like(token_loss)).sum()
     wanted = [t for t in inputs if t is not None]
@@ -27,35 +30,49 @@ def _weighted_grads(token_loss, coef, inputs, compute_grad):
     return [next(grads) if t is not None else None for t in inputs]
 
 
+def _masked_rows(grad, coef):
+    return torch.where(coef[:, None] != 0, grad, torch.zeros_like(grad))
+
+
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
     from ..loss import reference_token_terms
 
-    with torch.enable_grad():
-        s = student_logits.detach().requires_grad_(compute_grad)
-        token_loss, stats = reference_token_terms(s, teacher_logits, target_ids, spec, advantage)
-        (grad,) = _weighted_grads(token_loss, coef, [s], compute_grad)
-    if grad is not None:
-        grad = torch.where(coef[:, None] != 0, grad, torch.zeros_like(grad))
-    return token_loss.detach(), stats, grad
+    with torch.autocast(student_logits.device.type, enabled=False):
+        if not compute_grad:
+            token_loss, stats = reference_token_terms(student_logits.detach(), teacher_logits,
+                                                      target_ids, spec, advantage)
+            return token_loss.detach(), stats, None
+        with torch.enable_grad():
+            s = student_logits.detach().requires_grad_()
+            token_loss, stats = reference_token_terms(s, teacher_logits, target_ids, spec,
+                                                      advantage)
+            (grad,) = _weighted_grads(token_loss, coef, [s])
+    return token_loss.detach(), stats, _masked_rows(grad, coef)
 
 
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-          coef, advantage, spec, compute_grad):
+          coef, advantage, spec, needs):
+    needs = as_needs(needs)
     from ..loss import reference_token_terms
 
     dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    with torch.enable_grad():
-        h = student_hidden.detach().requires_grad_(compute_grad)
-        w = weight.detach().requires_grad_(compute_grad)
-        b = bias.detach().requires_grad_(compute_grad) if bias is not None else None
-        s = F.linear(h.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
-        with torch.no_grad():
-            t = F.linear(teacher_hidden.to(dtype), teacher_weight.to(dtype),
-                         teacher_bias.to(dtype) if teacher_bias is not None else None)
-        token_loss, stats = reference_token_terms(s, t, target_ids, spec, advantage)
-        grad_h, grad_w, grad_b = _weighted_grads(token_loss, coef, [h, w, b], compute_grad)
+    up = (lambda x: None if x is None else x.detach().to(dtype))
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        t = F.linear(up(teacher_hidden), up(teacher_weight), up(teacher_bias))
+        if not needs.any:
+            s = F.linear(up(student_hidden), up(weight), up(bias))
+            token_loss, stats = reference_token_terms(s, t, target_ids, spec, advantage)
+            return token_loss.detach(), stats, None, None, None
+        with torch.enable_grad():
+            # only the inputs whose gradient is asked for join the graph
+            h = up(student_hidden).requires_grad_(needs.hidden)
+            w = up(weight).requires_grad_(needs.weight)
+            b = up(bias).requires_grad_(needs.bias) if bias is not None else None
+            s = F.linear(h, w, b)
+            token_loss, stats = reference_token_terms(s, t, target_ids, spec, advantage)
+            wanted = [h if needs.hidden else None, w if needs.weight else None,
+                      b if b is not None and needs.bias else None]
+            grad_h, grad_w, grad_b = _weighted_grads(token_loss, coef, wanted)
     if grad_h is not None:
-        grad_h = torch.where(coef[:, None] != 0, grad_h, torch.zeros_like(grad_h))
-        grad_w = grad_w.to(dtype)
-        grad_b = grad_b.to(dtype) if grad_b is not None else None
+        grad_h = _masked_rows(grad_h, coef).to(student_hidden.dtype)
     return token_loss.detach(), stats, grad_h, grad_w, grad_b

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import FULL, SAMPLED, TOPK
+from . import FULL, SAMPLED, TOPK, as_needs
 
 name = "torch"
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (x ~8 temporaries of 4 bytes)
@@ -113,8 +113,9 @@ def token_terms(student_logits, teacher_logits, target_ids, coef, advantage, spe
 
 
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
-    token_loss, stats, grad = token_terms(student_logits, teacher_logits, target_ids, coef,
-                                          advantage, spec, compute_grad)
+    with torch.autocast(student_logits.device.type, enabled=False):
+        token_loss, stats, grad = token_terms(student_logits, teacher_logits, target_ids, coef,
+                                              advantage, spec, compute_grad)
     return token_loss, stats, grad.to(student_logits.dtype) if grad is not None else None
 
 
@@ -132,33 +133,50 @@ def chunk_rows(n: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
 
 
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-          coef, advantage, spec, compute_grad):
+          coef, advantage, spec, needs):
+    needs = as_needs(needs)
+    # logits and gradient GEMMs in float32 (or float64) even under autocast: bf16 logits would
+    # cost ~1e-2 of the loss
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        return _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                      target_ids, coef, advantage, spec, needs)
+
+
+def _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+           coef, advantage, spec, needs):
     n, vocab = student_hidden.shape[0], weight.shape[0]
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     token_loss = torch.empty(n, dtype=acc, device=student_hidden.device)
     stats = torch.empty(n, 4, dtype=acc, device=student_hidden.device)
-    grad_h = torch.zeros_like(student_hidden) if compute_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if compute_grad else None
+    # only the gradients asked for (a frozen head: no [V, H] buffer, no grad_W GEMM)
+    grad_h = torch.zeros_like(student_hidden) if needs.hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs.weight else None
     grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) \
-        if compute_grad and bias is not None else None
-    # logits in float32 (bf16 logits would cost ~1e-2 accuracy): half heads are upcast once,
-    # an O(V x H) copy this portable path accepts
+        if needs.bias and bias is not None else None
+    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    # half heads are upcast once, an O(V x H) copy this portable path accepts
     up = (lambda x: None if x is None else x.to(acc))
     w_s, b_s = up(weight), up(bias)
     shared = same_head(weight, bias, teacher_weight, teacher_bias)
     w_t, b_t = (w_s, b_s) if shared else (up(teacher_weight), up(teacher_bias))
+    # the teacher's logits are the student's (hsd.loss's second, centred pass): one GEMM
+    same_logits = shared and same_head(student_hidden, None, teacher_hidden, None)
     step = chunk_rows(n, vocab)
     for i in range(0, n, step):
         rows = slice(i, min(i + step, n))
-        s = F.linear(student_hidden[rows].to(acc), w_s, b_s)
-        t = F.linear(teacher_hidden[rows].to(acc), w_t, b_t)
+        h = student_hidden[rows].to(acc)
+        s = F.linear(h, w_s, b_s)
+        t = s if same_logits else F.linear(teacher_hidden[rows].to(acc), w_t, b_t)
         loss_i, stats_i, g = token_terms(s, t, None if target_ids is None else target_ids[rows],
                                          coef[rows], None if advantage is None else advantage[rows],
                                          spec, compute_grad)
         token_loss[rows], stats[rows] = loss_i, stats_i
-        if g is not None:
+        if g is None:
+            continue
+        if grad_h is not None:
             grad_h[rows] = (g @ w_s).to(grad_h.dtype)
-            grad_w.addmm_(g.t(), student_hidden[rows].to(acc))
-            if grad_b is not None:
-                grad_b += g.sum(0)
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
+        if grad_b is not None:
+            grad_b += g.sum(0)
     return token_loss, stats, grad_h, grad_w, grad_b

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import torch_chunked
+from . import as_needs, torch_chunked
 
 name = "triton"
 logger = logging.getLogger("hsd")
@@ -102,19 +102,22 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
 
 
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-          coef, advantage, spec, compute_grad):
+          coef, advantage, spec, needs):
     """Contract ``fused``: (token_loss, stats, grad_hidden, grad_weight fp32, grad_bias fp32)."""
     if student_hidden.dtype == torch.float64:
         return torch_chunked.fused(student_hidden, teacher_hidden, weight, bias, teacher_weight,
-                                   teacher_bias, target_ids, coef, advantage, spec, compute_grad)
+                                   teacher_bias, target_ids, coef, advantage, spec, needs)
     _load_ops()
     detach = (lambda x: None if x is None else x.detach())
+    needs = as_needs(needs)
+    compute_grad = needs.any
     loss, stats, gh, gw, gb = torch.ops.hsd.triton_fused_linear(
         *map(detach, (student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias)),
         target_ids, coef.detach(), detach(advantage), *spec.op_args(), bool(compute_grad))
     if not compute_grad:
         return loss, stats, None, None, None
-    return loss, stats, gh, gw, gb if bias is not None else None
+    return (loss, stats, gh if needs.hidden else None, gw if needs.weight else None,
+            gb if needs.bias and bias is not None else None)
 
 
 def _load_ops() -> None:
