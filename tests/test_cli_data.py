@@ -95,9 +95,9 @@ def test_format_choices_match_the_library():
     assert SOURCE_FORMATS == FORMATS
 
 
-def test_convert_rejects_other_output_types(workdir):
-    with pytest.raises(SystemExit, match="must be a .jsonl"):
-        main(["data", "convert", str(workdir / "chats.jsonl"), str(workdir / "out.csv")])
+def test_convert_rejects_other_output_types(workdir, capsys):
+    assert main(["data", "convert", str(workdir / "chats.jsonl"), str(workdir / "out.csv")]) == 2
+    assert "the output must be a .jsonl file" in capsys.readouterr().err
 
 
 def test_parser_is_open_for_more_command_families():
@@ -127,3 +127,110 @@ def test_missing_local_file_is_a_clear_error_not_a_hub_lookup(workdir, capsys):
     assert main(["data", "inspect", str(workdir / "typo.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "typo.jsonl: no such file" in err and "Hub" not in err
+
+
+# ---- bad inputs and options: exit codes and messages -------------------------------------------
+
+
+HI = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                   {"role": "user", "content": "More"}]}
+
+
+@pytest.mark.parametrize("name", ["./no_such_tokenizer", "models/org/tok", "/nowhere/tok"])
+def test_a_missing_local_tokenizer_is_a_local_error_not_a_hub_error(workdir, capsys, monkeypatch, name):
+    monkeypatch.chdir(workdir)
+    assert main(["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", name]) == 2
+    err = capsys.readouterr().err
+    assert f"{name}: no such tokenizer directory" in err
+    assert "huggingface" not in err.lower() and "hub" not in err.lower() and "repo" not in err.lower()
+
+
+def test_a_directory_without_tokenizer_files_is_named(workdir, capsys):
+    empty = workdir / "not_a_tokenizer"
+    empty.mkdir(exist_ok=True)
+    assert main(["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", str(empty)]) == 2
+    assert "not_a_tokenizer: no tokenizer files in this directory" in capsys.readouterr().err
+
+
+def test_a_negative_limit_is_a_usage_error(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "inspect", str(workdir / "chats.jsonl"), "--limit", "-1"])
+    assert exit_info.value.code == 2 and "argument --limit: must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_an_empty_input_warns_and_succeeds(workdir, capsys, caplog):
+    empty = workdir / "empty.jsonl"
+    empty.write_text("")
+    with caplog.at_level("WARNING"):
+        assert main(["data", "inspect", str(empty), "--json"]) == 0
+    assert "empty.jsonl: the input holds no records" in caplog.text
+    assert json.loads(capsys.readouterr().out)["report"]["records_read"] == 0
+    caplog.clear()
+    only_french = workdir / "french.jsonl"
+    only_french.write_text(json.dumps({**HI, "language": "French"}) + "\n")
+    with caplog.at_level("WARNING"):
+        assert main(["data", "inspect", str(only_french), "--filters", "paper"]) == 0
+    assert "no tuples kept from 1 records" in caplog.text
+
+
+def test_convert_exit_codes_and_no_partial_output(workdir, capsys):
+    bad = workdir / "convert_bad.jsonl"
+    bad.write_text(json.dumps(HI) + "\n" + '{"messages": [{"role": "user", "content": "\\ud800"}]}\n' + json.dumps(HI) + "\n")
+    out = workdir / "converted" / "tuples.jsonl"
+    # A bad record under --on-error raise: exit 2, the record named, and no output file at all.
+    assert main(["data", "convert", str(bad), str(out), "--no-progress"]) == 2
+    assert "convert_bad.jsonl line 2" in capsys.readouterr().err
+    assert not out.exists() and not out.with_name("tuples.jsonl.partial").exists()
+    # Skipped: exit 0, counted by reason with its line.
+    assert main(["data", "convert", str(bad), str(out), "--no-progress", "--on-error", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 2 and "wrote 2 tuples" in err
+    assert f"invalid_text" in err and f"convert_bad.jsonl line 2" in err
+    # Writing over the input is refused before anything is read.
+    assert main(["data", "convert", str(bad), str(bad)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert len(bad.read_text().splitlines()) == 3
+
+
+def test_convert_skips_a_corrupt_parquet_shard(workdir, capsys):
+    shards = workdir / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text(json.dumps(HI) + "\n")
+    (shards / "b.parquet").write_bytes(b"PAR1 but not really")
+    out = workdir / "from_shards.jsonl"
+    assert main(["data", "convert", str(shards), str(out), "--no-progress"]) == 2
+    assert "b.parquet: not a readable parquet file" in capsys.readouterr().err
+    assert main(["data", "convert", str(shards), str(out), "--no-progress", "--on-error", "skip"]) == 0
+    assert "unreadable_file" in capsys.readouterr().err and len(out.read_text().splitlines()) == 1
+
+
+def test_chat_template_kwargs_and_end_of_turn_token_reach_the_layout(workdir, capsys):
+    from hsd.data.testing import CHAT_TEMPLATES
+
+    tok = tiny_chat_tokenizer("chatml")
+    # A template variable the command line must pass through, and an eos that is not the
+    # end-of-turn token (as in Qwen base tokenizers).
+    tok.chat_template = CHAT_TEMPLATES["chatml"][0].replace("m['content']", "(tag | default('')) + m['content']")
+    tok.eos_token = "<|endoftext|>"
+    path = workdir / "tagged_tokenizer"
+    tok.save_pretrained(str(path))
+    base = ["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", str(path), "--limit", "3", "--examples", "1"]
+    assert main(base + ["--end-of-turn-token", "<|im_end|>", "--chat-template-kwargs", '{"tag": "TAGGED: "}']) == 0
+    out = capsys.readouterr().out
+    assert "TAGGED: " in out and "<|im_end|>" in out
+    args = build_parser().parse_args(base + ["--chat-template-kwargs", '{"enable_thinking": false}'])
+    assert args.chat_template_kwargs == {"enable_thinking": False}
+    assert main(base + ["--end-of-turn-token", "two words"]) == 2
+    assert "one token" in capsys.readouterr().err
+    for bad, message in [("{enable_thinking: false}", "invalid JSON"), ("[1]", "must be a JSON object")]:
+        with pytest.raises(SystemExit):
+            main(base + ["--chat-template-kwargs", bad])
+        assert message in capsys.readouterr().err
+
+
+def test_inspect_prints_the_special_token_and_student_token_counts(workdir, capsys):
+    args = ["data", "inspect", str(workdir / "chats.jsonl"), "--tokenizer", str(workdir / "tokenizer"), "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert {"student_tokens", "conversation_tokens", "student_token_ratio", "records_with_special_tokens",
+            "skipped_locations"} <= set(report)

@@ -5,6 +5,13 @@ in ``COMMAND_FAMILIES``; a subcommand stores its handler in ``handler`` and retu
 
     hsd data inspect SOURCE [--tokenizer PATH] [--layout tuple|packed] ...
     hsd data convert SOURCE OUTPUT.jsonl [--tokenizer PATH] ...
+
+Exit codes: 0 success (records skipped under ``--on-error skip`` are counted in the report, not
+failures; an input without records or without tuples is a warning); 2 bad input data (a bad
+record under ``--on-error raise``, an unreadable file, a template that cannot render a
+conversation), a missing file or tokenizer, or a bad option value; 130 interrupted. ``convert``
+writes ``OUTPUT.jsonl.partial`` and renames it to ``OUTPUT.jsonl`` only when the run succeeds,
+so a failed run never leaves a truncated output that looks complete.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +36,23 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "off") else int(text)
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at column {e.colno}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
 def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source")
     src.add_argument("source", help="hub dataset name, local .jsonl/.json/.parquet file or directory, or a "
@@ -36,11 +61,13 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--split", default="train")
     src.add_argument("--config-name", default=None, help="dataset configuration name on the hub")
     src.add_argument("--data-files", nargs="+", default=None)
-    src.add_argument("--limit", type=int, default=None, help="read at most this many conversations")
+    src.add_argument("--limit", type=_count, default=None, help="read at most this many conversations")
     src.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                      help="bad records: stop with an error naming the record, or skip and count")
     flt = p.add_argument_group("filters")
-    flt.add_argument("--filters", choices=("paper", "none"), default="none", help="filter preset (paper: METHOD.md §1)")
+    flt.add_argument("--filters", choices=("paper", "none"), default="none",
+                     help="filter preset: 'none' keeps every well-formed conversation; 'paper' is the authors' "
+                          "preprocessing (FilterConfig.paper, METHOD.md §1)")
     lay = p.add_argument_group("layout (needs --tokenizer)")
     lay.add_argument("--tokenizer", default=None, help="tokenizer name or local path (AutoTokenizer)")
     lay.add_argument("--layout", choices=("tuple", "packed"), default="tuple")
@@ -52,12 +79,53 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--max-length", type=_optional_int, default=None, help="packed: window length in tokens")
     lay.add_argument("--ignore-first-k", type=int, default=2)
     lay.add_argument("--followup-overflow", choices=("drop", "truncate"), default="drop")
+    lay.add_argument("--end-of-turn-token", default=None,
+                     help="the token that closes a reply and is scored after it (default: detected from the template)")
+    lay.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+                     help="variables for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3)")
+
+
+def load_tokenizer(name: str):
+    """``AutoTokenizer.from_pretrained(name)``, with a clear error for a local path that is not there.
+
+    A name that exists on disk, or that can only be a path (starts with ``/``, ``.`` or ``~``,
+    or has more than one ``/``), is never looked up on the hub.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    local = path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if local and not path.exists():
+        raise FileNotFoundError(f"{name}: no such tokenizer directory")
+    if local and path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                          "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"{name}: no tokenizer files in this directory (tokenizer.json, tokenizer_config.json, ...)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path) if local else name)
+    except (OSError, ValueError) as e:
+        where = "the local directory" if local else "the hub (or the cache)"
+        raise OSError(f"{name}: cannot load a tokenizer from {where}: {e}") from None
 
 
 def _pipeline(args, report):
     """(tuples iterator, examples iterator or None, tokenizer or None) for the parsed arguments."""
     from hsd.data import FilterConfig, LayoutConfig, extract_tuples, iter_examples, read_conversations
 
+    # Everything that can fail on the options is built before the first record is read.
+    tokenizer = config = None
+    if args.tokenizer is not None:
+        tokenizer = load_tokenizer(args.tokenizer)
+        config = LayoutConfig(
+            history_messages=args.history_messages,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_followup_tokens=args.max_followup_tokens,
+            max_response_tokens=args.max_response_tokens,
+            max_length=args.max_length,
+            ignore_first_k=args.ignore_first_k,
+            followup_overflow=args.followup_overflow,
+            chat_template_kwargs=args.chat_template_kwargs,
+            end_of_turn_token=args.end_of_turn_token,
+        )
     conversations = read_conversations(
         args.source, args.format, args.split, streaming=True, config_name=args.config_name,
         data_files=args.data_files, on_error=args.on_error, limit=args.limit, report=report,
@@ -67,22 +135,15 @@ def _pipeline(args, report):
 
         conversations = tqdm(conversations, desc="conversations", unit="conv", file=sys.stderr)
     tuples = extract_tuples(conversations, FilterConfig.preset(args.filters), report)
-    if args.tokenizer is None:
+    if tokenizer is None:
         return tuples, None, None
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    config = LayoutConfig(
-        history_messages=args.history_messages,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_followup_tokens=args.max_followup_tokens,
-        max_response_tokens=args.max_response_tokens,
-        max_length=args.max_length,
-        ignore_first_k=args.ignore_first_k,
-        followup_overflow=args.followup_overflow,
-    )
     examples = iter_examples(tuples, tokenizer, args.template, config, args.layout, report)
     return tuples, examples, tokenizer
+
+
+def _warn_if_empty(report) -> None:
+    if report.records_read and not report.tuples_kept:
+        logger.warning("no tuples kept from %d records; the report below says why", report.records_read)
 
 
 def _data_inspect(args) -> int:
@@ -114,6 +175,7 @@ def _data_inspect(args) -> int:
                 lengths.setdefault(name, []).append(value)
             if len(shown) < args.examples:
                 shown.append(render_example(ex, tokenizer))
+    _warn_if_empty(report)
     if args.json:
         print(json.dumps({"report": report.as_dict(), "lengths": lengths}))
         return 0
@@ -131,16 +193,27 @@ def _data_convert(args) -> int:
 
     output = Path(args.output)
     if output.suffix != ".jsonl":
-        raise SystemExit(f"hsd: error: the output must be a .jsonl file, got {output}")
+        raise ValueError(f"the output must be a .jsonl file, got {output}")
+    source = Path(args.source)
+    if source.exists() and source.resolve() in (output.resolve(), output.resolve().parent):
+        # Writing over the input, or into the input directory (a later run would read it back).
+        raise ValueError(f"the output {output} would overwrite the input {source} or join its files")
     report = DataReport()
     tuples, examples, _ = _pipeline(args, report)
     records = (t.to_row() for t in tuples) if examples is None else (ex.to_dict() for ex in examples)
     output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
     written = 0
-    with open(output, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            written += 1
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, output)
+    _warn_if_empty(report)
     print(report.summary(), file=sys.stderr)
     print(f"wrote {written} {'tuples' if examples is None else args.layout + ' examples'} to {output}", file=sys.stderr)
     return 0
@@ -181,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``hsd`` command; returns the exit code (2 for bad input data or option values)."""
+    """Run the ``hsd`` command; returns the exit code (see the module docstring: 0 success, 2 bad
+    input data, missing files or bad option values, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     try:
@@ -191,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hsd: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("hsd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
