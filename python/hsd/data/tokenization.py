@@ -36,14 +36,18 @@ def _fit_followup(r: ChatRenderer, template: HindsightTemplate, o: str, cfg: Lay
     if budget is None or len(r.encode(template.render(o))) <= budget:
         return o
     if cfg.followup_overflow == "truncate":
-        o_ids = r.encode(o)
-        keep = budget - (len(r.encode(template.render(""))))
-        while keep > 0:
-            shorter = r.decode(o_ids[:keep])
-            if len(r.encode(template.render(shorter))) <= budget:
-                report.adjusted["followup_truncated"] += 1
-                return shorter
-            keep -= 1
+        # Cut o at a character boundary (decoding a cut between the byte tokens of one character
+        # gives U+FFFD): the longest prefix that fits, by bisection; o[:high] never fits.
+        low, high = 0, len(o)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if len(r.encode(template.render(o[:middle]))) <= budget:
+                low = middle
+            else:
+                high = middle
+        if low > 0:
+            report.adjusted["followup_truncated"] += 1
+            return o[:low]
     report.dropped_tuples["followup_over_budget"] += 1
     return None
 
