@@ -157,18 +157,32 @@ def test_custom_builder_moves_the_prefix_and_stays_consistent(tokenizers, conver
     assert packed.input_ids[: packed.tuples[0].prefix_offset] + packed.tuples[0].teacher_suffix_ids == ex.teacher_ids
 
 
-def test_qwen3_style_template_works_per_tuple_and_is_rejected_packed(tokenizers, conversations):
+@pytest.mark.parametrize("kwargs", [{}, {"enable_thinking": False}])
+def test_qwen3_style_template_gets_student_branches_equal_to_the_per_tuple_sequences(tokenizers, conversations, kwargs):
     tok = tokenizers["qwen3"]
-    group = next(g for g in group_by_conversation(extract_tuples(conversations)) if len(g) > 1)
-    for t in group:
-        ex = tokenize_tuple(t, tok, "offline", NO_LIMIT)
-        assert decode(tok, ex.student_ids[: ex.student_prompt_len]).endswith("assistant\n<think>\n\n</think>\n\n")
-        check_shared_prefix(ex.student_ids, ex.teacher_ids, ex.prefix_len)
-    with pytest.raises(ChatTemplateError, match=r"conversation '.*', message 1: .*differently"):
-        tokenize_conversation(group, tok, "offline", NO_LIMIT)
-    # A single-turn conversation has no earlier reply to disagree about.
-    (single,) = tokenize_conversation(group[:1], tok, "offline", NO_LIMIT)
-    assert single.tuples[0].response_start == tokenize_tuple(group[0], tok, "offline", NO_LIMIT).student_prompt_len
+    cfg = LayoutConfig(history_messages=None, chat_template_kwargs=kwargs)
+    group = next(g for g in group_by_conversation(extract_tuples(conversations)) if len(g) > 2)
+    (ex,) = tokenize_conversation(group, tok, "offline", cfg)
+    # Every reply but the last is rendered without its think block as history: one branch each.
+    assert len(ex.student_branches) == len(group) - 1
+    for k, (t, packed) in enumerate(zip(group, ex.tuples)):
+        per_tuple = tokenize_tuple(t, tok, "offline", cfg)
+        assert decode(tok, per_tuple.student_ids[: per_tuple.student_prompt_len]).endswith("assistant\n<think>\n\n</think>\n\n")
+        assert ex.student_context(k) == per_tuple.student_ids
+        assert ex.input_ids[: packed.prefix_offset] + packed.teacher_suffix_ids == per_tuple.teacher_ids
+        assert packed.target_ids == per_tuple.target_ids
+        assert packed.prefix_offset <= ex.trunk_len
+        branch = ex.branch_of(packed.response_start)
+        if k < len(group) - 1:
+            # The branch starts after the assistant header: the think block, y, end-of-turn.
+            assert branch is not None and packed.response_end == branch.end
+            assert decode(tok, ex.input_ids[branch.start : packed.response_start]).startswith("<think>")
+            assert decode(tok, ex.input_ids[: branch.attach]).endswith("<|im_start|>assistant\n")
+            assert ex.position_ids[packed.response_start] == per_tuple.student_prompt_len
+        else:
+            assert branch is None
+    # Later turns see the reply as history (without the think block), never the branch.
+    assert "<think>" not in decode(tok, ex.input_ids[: ex.tuples[-1].response_start - 8])
 
 
 def test_non_thinking_kwargs_reach_the_template(tokenizers, conversations):
@@ -264,9 +278,13 @@ def test_template_errors_name_the_record(tokenizers):
         "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
-    x = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Write code."}]
+    x = [{"role": "user", "content": "Hello!"}, {"role": "user", "content": "Write code."}]
     with pytest.raises(ChatTemplateError, match=r"conversation 'greeting' turn 1: .*alternate"):
         tokenize_tuple(tuple_with(x, "Ok.", "Thanks.", "greeting", 1), tok, "offline", NO_LIMIT)
+    # A leading assistant message (a greeting) is dropped, as the paper does: no role error.
+    greeting = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Write code."}]
+    ex = tokenize_tuple(tuple_with(greeting, "Ok.", "Thanks.", "greeting", 1), tok, "offline", NO_LIMIT)
+    assert "Hello!" not in decode(tok, ex.student_ids)
 
 
 def test_tokenizer_without_chat_template_is_a_clear_error():
@@ -275,14 +293,24 @@ def test_tokenizer_without_chat_template_is_a_clear_error():
         tokenize_tuple(t, tiny_chat_tokenizer("chatml", with_template=False), "offline")
 
 
-def test_template_that_does_not_end_replies_with_eos_is_a_clear_error():
+def test_end_of_turn_token_is_read_from_the_template():
     tok = tiny_chat_tokenizer("chatml")
     tok.eos_token = "<|endoftext|>"  # a base tokenizer's eos; the template closes turns with <|im_end|>
     t = tuple_with([{"role": "user", "content": "Hi."}], "Hello.", "Thanks.")
+    ex = tokenize_tuple(t, tok, "offline")
+    assert ex.target_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tokenize_tuple(t, tok, "offline", LayoutConfig(end_of_turn_token="<|im_end|>")).student_ids == ex.student_ids
+
+
+def test_template_that_closes_turns_without_a_token_is_a_clear_error():
+    tok = tiny_chat_tokenizer("chatml")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    t = tuple_with([{"role": "user", "content": "Hi."}], "Hello.", "Thanks.")
     with pytest.raises(ChatTemplateError, match="end_of_turn_token"):
         tokenize_tuple(t, tok, "offline")
-    ex = tokenize_tuple(t, tok, "offline", LayoutConfig(end_of_turn_token="<|im_end|>"))
-    assert ex.target_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_tokenizer_that_prefixes_every_encode_with_a_space_is_a_clear_error():

@@ -1,25 +1,42 @@
 """Chat-template rendering and the one tokenisation rule every layout shares.
 
-The rule: render messages with the tokenizer's chat template, then tokenise the text in
-segments cut at the start and end of every assistant reply, so a reply's tokens are always
-``encode(reply)`` wherever it appears (as the scored y, or as history in a later turn) and
-its end-of-turn token follows it. Reply spans are located from the template itself: the text
-of ``messages[:j]`` with a generation prompt must be a prefix of the full rendering, and the
-reply must follow it (after any markup the template adds, such as Qwen3's empty think block),
-closed by the end-of-turn token. A template that renders a message differently depending on
-what follows fails that check with :class:`ChatTemplateError` instead of producing ids that
-silently disagree between layouts.
+The rule: render messages with the tokenizer's chat template, locate each message's content
+in the rendered text, and tokenise the text in segments cut at the start and end of every
+located content. Message contents are logged text: they are encoded with special tokens
+split (a user who typed ``<|im_end|>`` wrote text, not a turn marker); the template's own
+markup between them is encoded normally, so its markers stay special tokens.
+
+An assistant reply's segment is the whole text between the end of its prompt (the
+generation prompt, or the markup before the content) and its end-of-turn token, with any
+whitespace the template adds around the content (Mistral's ``' ' + content``, Llama-2's
+``' ' + content + ' '``): its ids are exactly what the tokenizer gives for the text the model
+generates before the end-of-turn token. Markup that is not whitespace (Qwen3's empty think
+block) stays prompt. Because every layout cuts at the same places, a reply's ids are the same
+wherever it appears: as the scored y or as history in a later turn.
+
+Caveat (documented, accepted): cutting at message boundaries can tokenise differently from
+one whole-text encode where a content starts or ends with whitespace that BPE would merge
+with the neighbouring markup (``' ' + reply`` is one segment here, so ``' the'`` stays one
+token, but the newline before a ChatML reply is never merged into it). Student and teacher
+sequences, packed and per-tuple, all follow this rule, so they agree with each other.
+
+Contents are found by searching the rendered text in message order (each search starts where
+the previous content ended; a template that trims contents is handled). A content that cannot
+be found (a template that rewrites it) is not cut and is encoded as markup.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .records import ASSISTANT, DataError
+from .records import ASSISTANT, USER, DataError
 
-__all__ = ["ChatRenderer", "ChatTemplateError", "EncodedText", "common_prefix_len"]
+__all__ = ["ChatRenderer", "ChatTemplateError", "Tokenized", "common_prefix_len"]
+
+logger = logging.getLogger("hsd.data")
 
 
 class ChatTemplateError(DataError):
@@ -27,23 +44,62 @@ class ChatTemplateError(DataError):
 
 
 def common_prefix_len(a, b) -> int:
-    """Length of the longest common prefix of two sequences (token ids or strings)."""
+    """Length of the longest common prefix of two sequences (token ids or strings).
+
+    Binary search on slice equality: O(n log n) work done by C comparisons, not a Python loop
+    per element (the packed layout calls this once per tuple on whole conversations).
+    """
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    if a[:n] == b[:n]:
+        return n
+    low, high = 0, n  # a[:low] == b[:low], a[:high] != b[:high]
+    while high - low > 1:
+        mid = (low + high) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+Span = tuple[int, int]
 
 
 @dataclass
-class EncodedText:
-    """Token ids of a rendered text plus the token index of each assistant reply span."""
+class Tokenized:
+    """A rendered text, where its messages' contents are, and its ids under the shared rule.
 
+    Attributes:
+        text: the rendered text.
+        messages: the messages it renders.
+        spans: per message, the character span of its content (an assistant reply: the whole
+            reply segment up to its end-of-turn token), or None when not located (empty).
+        ids: the token ids.
+        token_at: token index of every cut point (span boundaries, 0 and ``len(text)``).
+    """
+
+    text: str
+    messages: list[dict]
+    spans: list[Span | None]
     ids: list[int]
-    reply_token_spans: list[tuple[int, int]]  # [start, end) in ids, one per located reply
+    token_at: dict[int, int]
+
+    def token_span(self, message: int) -> tuple[int, int]:
+        """``[start, end)`` in ``ids`` of a located message's content."""
+        a, b = self.spans[message]
+        return self.token_at[a], self.token_at[b]
+
+
+@dataclass(frozen=True)
+class ReplyView:
+    """``history + [reply]`` rendered as the last turn, cut after the reply's end-of-turn token."""
+
+    text: str
+    prompt_end: int  # where the generation prompt ends (the model starts generating here)
 
 
 _RENDERERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_PROBE_USER, _PROBE_REPLY, _PROBE_NEXT = "Hi there", "Hello to you", "Thanks a lot"
 
 
 class ChatRenderer:
@@ -52,8 +108,10 @@ class ChatRenderer:
     Args:
         tokenizer: any Hugging Face tokenizer with a ``chat_template``.
         chat_template_kwargs: extra variables for the template (e.g. ``{"enable_thinking": False}``).
-        end_of_turn_token: the token that closes an assistant reply and is scored after y;
-            defaults to ``tokenizer.eos_token``.
+        end_of_turn_token: the token that closes an assistant reply and is scored after y. By
+            default it is read from the template: a probe conversation is rendered and the
+            special token that follows the reply is taken (``<|im_end|>``, ``<|eot_id|>``,
+            Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``, Mistral's ``</s>``).
     """
 
     def __init__(self, tokenizer, chat_template_kwargs: dict | None = None, end_of_turn_token: str | None = None):
@@ -62,32 +120,46 @@ class ChatRenderer:
                 f"{type(tokenizer).__name__} has no chat template; set tokenizer.chat_template to a Jinja "
                 "template (or load the instruct model's tokenizer)"
             )
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.end_of_turn_token = end_of_turn_token or tokenizer.eos_token
-        if not self.end_of_turn_token:
-            raise ChatTemplateError("the tokenizer has no eos_token; pass end_of_turn_token=")
+        self.special_tokens = self._special_token_strings()
+        probe = [{"role": USER, "content": _PROBE_USER}]
+        prompt = self.render(probe, True, "the probe conversation")
+        full = self.render(probe + [{"role": ASSISTANT, "content": _PROBE_REPLY}], False, "the probe conversation")
+        self.end_of_turn_token = end_of_turn_token or self._detect_end_of_turn(prompt, full)
         eot_ids = self.encode(self.end_of_turn_token)
         if len(eot_ids) != 1:
             raise ChatTemplateError(
                 f"end-of-turn token {self.end_of_turn_token!r} encodes to {len(eot_ids)} ids; it must be one token"
             )
         self.end_of_turn_id = eot_ids[0]
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         try:
-            before, reply = self.locate_reply(probe[:1], "Hello", "the probe conversation")
+            view = self.reply_view(probe, _PROBE_REPLY, "the probe conversation")
         except ChatTemplateError as e:
             raise ChatTemplateError(
                 f"{e}. The chat template must close an assistant reply with the end-of-turn token "
                 f"{self.end_of_turn_token!r}; pass end_of_turn_token= if it uses another one"
             ) from None
-        text = before + reply + self.end_of_turn_token
-        cut = self.encode_with_cuts(text, [(len(before), len(before) + len(reply))]).ids
-        if self.decode(cut) != self.decode(self.encode(text)):
+        # How a reply is introduced when it is history (not the last turn): the whitespace the
+        # template puts between the generation prompt and the content (Mistral: ' ').
+        self.history_lead = ""
+        history = self.render(probe + [{"role": ASSISTANT, "content": _PROBE_REPLY},
+                                       {"role": USER, "content": _PROBE_NEXT}], False, "the probe conversation")
+        at = history.find(_PROBE_REPLY, len(prompt))
+        if history.startswith(prompt) and at >= 0 and history[len(prompt) : at].isspace():
+            self.history_lead = history[len(prompt) : at]
+        #: Whether a reply renders differently as history than as the last turn (Qwen3's empty
+        #: think block): the packed layout then scores replies in student branches.
+        self.replies_branch = not history.startswith(view.text[: view.text.rindex(_PROBE_REPLY)])
+        whole = self.encode(view.text)
+        cut = self.tokenize(view.text, probe + [{"role": ASSISTANT, "content": _PROBE_REPLY}], view.prompt_end).ids
+        if self.decode(cut) != self.decode(whole):
             # SentencePiece-style prefix spaces would silently insert a space before every reply.
             raise ChatTemplateError(
                 f"{type(tokenizer).__name__} changes the text when a reply is tokenised on its own "
-                f"({self.decode(cut)!r} instead of {self.decode(self.encode(text))!r}); it adds a prefix "
+                f"({self.decode(cut)!r} instead of {self.decode(whole)!r}); it adds a prefix "
                 "space at the start of each encode call. Load it without one (e.g. add_prefix_space=False)"
             )
 
@@ -96,11 +168,48 @@ class ChatRenderer:
         """A cached renderer per (tokenizer, options): the constructor's checks run once."""
         if isinstance(tokenizer, ChatRenderer):
             return tokenizer
-        key = (tuple(sorted((chat_template_kwargs or {}).items())), end_of_turn_token)
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ValueError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
+        key = (repr(sorted((chat_template_kwargs or {}).items())), end_of_turn_token, tokenizer.chat_template,
+               tokenizer.eos_token)
         per_tokenizer = _RENDERERS.setdefault(tokenizer, {})
         if key not in per_tokenizer:
             per_tokenizer[key] = cls(tokenizer, chat_template_kwargs, end_of_turn_token)
         return per_tokenizer[key]
+
+    # ---- template -------------------------------------------------------------------------
+
+    def _special_token_strings(self) -> list[str]:
+        """Strings of the special tokens (longest first): what message text must not turn into."""
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        strings = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+        strings.update(s for s in getattr(self.tokenizer, "all_special_tokens", []) if s)
+        return sorted(strings, key=len, reverse=True)
+
+    def _added_token_strings(self) -> list[str]:
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        return sorted({t.content for t in decoder.values() if t.content}, key=len, reverse=True)
+
+    def _detect_end_of_turn(self, prompt: str, full: str) -> str:
+        """The special token right after the probe reply (after any whitespace), else eos."""
+        eos = self.tokenizer.eos_token
+        at = full.find(_PROBE_REPLY, len(prompt)) if full.startswith(prompt) else -1
+        if at >= 0:
+            rest = full[at + len(_PROBE_REPLY) :]
+            rest = rest[len(rest) - len(rest.lstrip()) :]
+            if eos and rest.startswith(eos):
+                return eos
+            for token in self.special_tokens + self._added_token_strings():
+                if rest.startswith(token):
+                    if token != eos:
+                        logger.info("end-of-turn token read from the chat template: %r (eos is %r)", token, eos)
+                    return token
+        if not eos:
+            raise ChatTemplateError(
+                "no end-of-turn token: the chat template does not close a reply with a special token and the "
+                "tokenizer has no eos_token; pass end_of_turn_token="
+            )
+        return eos
 
     def render(self, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
         """The template's text for ``messages``; template errors name ``where``."""
@@ -108,75 +217,164 @@ class ChatRenderer:
             return self.tokenizer.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs
             )
-        except Exception as e:  # Jinja raise_exception, missing variables, ...
+        except Exception as e:  # Jinja raise_exception, missing variables, role rules, ...
             raise ChatTemplateError(f"{where}: the chat template failed to render: {e}") from e
 
-    def encode(self, text: str) -> list[int]:
+    def contains_special_text(self, text: str) -> bool:
+        """Whether ``text`` holds the string of a special token (it is encoded as text)."""
+        return any(token in text for token in self.special_tokens)
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def encode(self, text: str, split_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; the template already wrote any BOS, so none is added."""
+        if not text:
+            return []
+        if split_special_tokens:
+            return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids) -> str:
         """Text of ``ids`` with special tokens kept and no space clean-up (inverse of render)."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def locate_reply(self, history: list[dict], reply: str, where: str) -> tuple[str, str]:
-        """Render ``history + [assistant reply]``; return (text before the reply, reply as rendered).
+    # ---- locating contents ----------------------------------------------------------------
 
-        The text before the reply is the generation prompt plus any markup the template puts
-        between it and the content; the reply as rendered may be stripped by the template.
+    def _find(self, text: str, content: str, pos: int, reply: bool) -> Span | None:
+        """Earliest occurrence at or after ``pos`` of ``content`` as the template may have
+        trimmed it; a reply must be followed (after whitespace) by the end-of-turn token and
+        its span runs up to that token."""
+        best = None
+        eot = self.end_of_turn_token
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if not candidate or not candidate.strip():
+                continue
+            at = text.find(candidate, pos)
+            tries = 0
+            while at >= 0:
+                end = at + len(candidate)
+                if reply:
+                    close = text.find(eot, end)
+                    if close >= 0 and (close == end or text[end:close].isspace()):
+                        end = close
+                    else:
+                        tries += 1
+                        at = text.find(candidate, at + 1) if tries < 8 else -1
+                        continue
+                if best is None or at < best[0] or (at == best[0] and end > best[1]):
+                    best = (at, end)
+                break
+        return best
+
+    def locate(
+        self,
+        messages: list[dict],
+        text: str,
+        spans: list[Span | None] | None = None,
+        pos: int = 0,
+        prompt_end: int | None = None,
+    ) -> list[Span | None]:
+        """Spans of ``messages[len(spans):]`` in ``text``, searched in order from ``pos``.
+
+        ``prompt_end``: the last message is the reply being generated after a generation
+        prompt ending there; its span starts there when only whitespace lies between.
+        """
+        spans = list(spans or [])
+        for m in range(len(spans), len(messages)):
+            message = messages[m]
+            reply = message["role"] == ASSISTANT
+            last = m == len(messages) - 1 and prompt_end is not None
+            span = self._find(text, message["content"], prompt_end if last else pos, reply)
+            if span is not None and reply:
+                start, end = span
+                if last and text[prompt_end:start].isspace():
+                    start = prompt_end
+                elif not last and self.history_lead:
+                    lead = self.history_lead
+                    if start - len(lead) >= pos and text[start - len(lead) : start] == lead:
+                        start -= len(lead)
+                span = (start, end)
+            spans.append(span)
+            if span is not None:
+                pos = span[1]
+        return spans
+
+    def tokenize(self, text: str, messages: list[dict], prompt_end: int | None = None,
+                 spans: list[Span | None] | None = None) -> Tokenized:
+        """``text`` (a rendering of ``messages``) tokenised under the shared rule; ``spans``
+        when already located."""
+        if spans is None:
+            spans = self.locate(messages, text, prompt_end=prompt_end)
+        return self._tokenize_from(text, messages, spans, [], {0: 0}, 0)
+
+    def _tokenize_from(self, text, messages, spans, ids, token_at, start) -> Tokenized:
+        ids = list(ids)
+        token_at = dict(token_at)
+        content_end = {s[0]: s[1] for s in spans if s is not None and s[0] >= start}
+        cuts = sorted({start, len(text), *(c for s in spans if s is not None for c in s if c >= start)})
+        for a, b in zip(cuts, cuts[1:]):
+            token_at[a] = len(ids)
+            ids.extend(self.encode(text[a:b], split_special_tokens=content_end.get(a) == b))
+        token_at[len(text)] = len(ids)
+        return Tokenized(text, list(messages), spans, ids, token_at)
+
+    def extend(self, base: Tokenized, text: str, messages: list[dict], prompt_end: int | None = None) -> Tokenized:
+        """``tokenize(text, messages)``, reusing ``base``'s ids where both texts agree.
+
+        The messages that both render identically, at the same places, before the texts part
+        keep their spans and ids; only the rest of ``text`` is located and encoded. The result
+        is exactly what :meth:`tokenize` gives (same search order, same cuts), at the cost of
+        the new tail only: this is what makes the layouts linear in the number of turns.
+        """
+        shared_chars = common_prefix_len(base.text, text)
+        eot = len(self.end_of_turn_token)
+        kept, resume = 0, 0
+        last = len(messages) - 1 if prompt_end is not None else len(messages)
+        for m in range(min(len(base.spans), last)):
+            if base.messages[m] != messages[m]:
+                break
+            span = base.spans[m]
+            if span is None:
+                if messages[m]["content"].strip():
+                    break  # not found in base; it may be found in text: locate it afresh
+                kept = m + 1
+                continue
+            reach = span[1] + (eot if messages[m]["role"] == ASSISTANT else 0)
+            # Strictly inside the shared text (unless all of it is shared): a content found
+            # there is found at the same place, with the same extent, in both texts.
+            if reach > shared_chars or (reach == shared_chars and shared_chars < len(text)):
+                break
+            kept, resume = m + 1, span[1]
+        spans = self.locate(messages, text, base.spans[:kept], resume, prompt_end)
+        head = base.ids[: base.token_at[resume]]
+        head_cuts = {c: t for c, t in base.token_at.items() if c < resume}
+        return self._tokenize_from(text, messages, spans, head, head_cuts, resume)
+
+    # ---- replies ----------------------------------------------------------------------------
+
+    def reply_view(self, history: list[dict], reply: str, where: str) -> ReplyView:
+        """Render ``history + [assistant reply]`` as the last turn and check the template.
+
+        The generation prompt (``history`` with ``add_generation_prompt``) must be a prefix of
+        the rendering, and the reply must follow it, closed by the end-of-turn token.
         """
         full = self.render(history + [{"role": ASSISTANT, "content": reply}], False, where)
         prompt = self.render(history, True, where)
         if not full.startswith(prompt):
+            at = common_prefix_len(full, prompt)
             raise ChatTemplateError(
-                f"{where}: the chat template renders the history differently once a reply follows "
-                f"(generation prompt {prompt[-40:]!r} is not a prefix of the rendered reply)"
+                f"{where}: the chat template renders the history differently once a reply follows: the "
+                f"generation prompt is not a prefix of the rendered reply (they differ at character {at}: "
+                f"{prompt[at:at + 30]!r} vs {full[at:at + 30]!r}); e.g. a system message the template only "
+                "renders before a final user turn"
             )
-        for candidate in dict.fromkeys((reply, reply.strip(), reply.lstrip(), reply.rstrip())):
-            start = full.find(candidate + self.end_of_turn_token, len(prompt))
-            if start >= 0:
-                return full[:start], candidate
-        raise ChatTemplateError(
-            f"{where}: the rendered text does not contain the reply followed by {self.end_of_turn_token!r}"
-        )
-
-    def reply_spans(self, messages: list[dict], text: str, where: str, strict: bool) -> list[tuple[int, int] | None]:
-        """Character span of every assistant message of ``messages`` inside ``text``.
-
-        ``text`` must be a rendering that starts with ``messages``. With ``strict``, a reply the
-        template renders differently as history than as the last reply raises
-        :class:`ChatTemplateError`; otherwise its span is ``None`` (no cut there).
-        """
-        spans: list[tuple[int, int] | None] = []
-        for j, message in enumerate(messages):
-            if message["role"] != ASSISTANT:
-                continue
-            try:
-                before, reply = self.locate_reply(messages[:j], message["content"], f"{where}, message {j}")
-            except ChatTemplateError:
-                if strict:
-                    raise
-                spans.append(None)
-                continue
-            if text.startswith(before + reply + self.end_of_turn_token):
-                spans.append((len(before), len(before) + len(reply)))
-            elif strict:
-                raise ChatTemplateError(
-                    f"{where}, message {j}: the chat template renders this assistant message differently "
-                    "inside the conversation than as the last reply (e.g. a think block added only to the "
-                    "last turn); the packed layout cannot share one sequence, use the per-tuple layout"
-                )
-            else:
-                spans.append(None)
-        return spans
-
-    def encode_with_cuts(self, text: str, spans: list[tuple[int, int]]) -> EncodedText:
-        """Tokenise ``text`` cut at every span boundary; return ids and each span's token range."""
-        cuts = sorted({0, len(text), *(c for span in spans for c in span)})
-        token_at: dict[int, int] = {}
-        ids: list[int] = []
-        for a, b in zip(cuts, cuts[1:]):
-            token_at[a] = len(ids)
-            ids.extend(self.encode(text[a:b]))
-        token_at[len(text)] = len(ids)
-        return EncodedText(ids, [(token_at[a], token_at[b]) for a, b in spans])
+        span = self._find(full, reply, len(prompt), True)
+        if span is None:
+            tail = full[len(prompt) : len(prompt) + 60]
+            if not reply.strip():
+                raise ChatTemplateError(f"{where}: the reply is empty")
+            raise ChatTemplateError(
+                f"{where}: the rendered text does not contain the reply followed by the end-of-turn token "
+                f"{self.end_of_turn_token!r} (after the generation prompt it reads {tail!r})"
+            )
+        return ReplyView(full[: span[1] + len(self.end_of_turn_token)], len(prompt))

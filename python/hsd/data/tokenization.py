@@ -2,20 +2,28 @@
 
 See :mod:`hsd.data.layouts` for the records and the truncation policy, and
 :mod:`hsd.data.render` for the one tokenisation rule both layouts share.
+
+Cost: the packed layout renders and tokenises each window once (the trunk); per tuple it
+renders the student's and the teacher's views (text only) and tokenises only the part of each
+that departs from the trunk (the hindsight block, the assistant header, a branched reply), so
+its time grows linearly with the number of turns.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator
 
-from .layouts import ConversationExample, LayoutConfig, PackedTuple, TupleExample
+from .layouts import ConversationExample, LayoutConfig, PackedTuple, StudentBranch, TupleExample
 from .records import ASSISTANT, SYSTEM, USER, DataError
-from .render import ChatRenderer, ChatTemplateError, EncodedText, common_prefix_len
+from .render import ChatRenderer, ChatTemplateError, Tokenized, common_prefix_len
 from .report import DataReport
 from .templates import HindsightTemplate
 from .tuples import InteractionTuple, group_by_conversation
 
 __all__ = ["tokenize_tuple", "tokenize_conversation", "iter_examples"]
+
+logger = logging.getLogger("hsd.data")
 
 
 # ---- shared steps -------------------------------------------------------------------------
@@ -23,6 +31,20 @@ __all__ = ["tokenize_tuple", "tokenize_conversation", "iter_examples"]
 
 def _record(t: InteractionTuple) -> str:
     return f"conversation {t.conversation_id!r} turn {t.turn_index}"
+
+
+def _check_tuple(t) -> None:
+    """Hand-built tuples: a clear DataError before any tokenizer sees a bad field."""
+    if not isinstance(t, InteractionTuple):
+        raise DataError(f"expected an InteractionTuple, got {type(t).__name__}")
+    for name, value in (("y", t.y), ("o", t.o), ("conversation_id", t.conversation_id)):
+        if not isinstance(value, str):
+            raise DataError(f"{_record(t)}: InteractionTuple.{name} must be a string, got {type(value).__name__}")
+    for i, m in enumerate(t.full_history):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (USER, ASSISTANT, SYSTEM):
+            raise DataError(
+                f"{_record(t)}: message {i} of x must be {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r}"
+            )
 
 
 def _response_mask(n_tokens: int, ignore_first_k: int) -> list[int]:
@@ -33,7 +55,7 @@ def _response_mask(n_tokens: int, ignore_first_k: int) -> list[int]:
 def _fit_followup(r: ChatRenderer, template: HindsightTemplate, o: str, cfg: LayoutConfig, report: DataReport):
     """The follow-up to use (maybe truncated), or None when the tuple must be dropped."""
     budget = cfg.max_followup_tokens
-    if budget is None or len(r.encode(template.render(o))) <= budget:
+    if budget is None or len(r.encode(template.render(o), True)) <= budget:
         return o
     if cfg.followup_overflow == "truncate":
         # Cut o at a character boundary (decoding a cut between the byte tokens of one character
@@ -41,7 +63,7 @@ def _fit_followup(r: ChatRenderer, template: HindsightTemplate, o: str, cfg: Lay
         low, high = 0, len(o)
         while high - low > 1:
             middle = (low + high) // 2
-            if len(r.encode(template.render(o[:middle]))) <= budget:
+            if len(r.encode(template.render(o[:middle]), True)) <= budget:
                 low = middle
             else:
                 high = middle
@@ -52,47 +74,50 @@ def _fit_followup(r: ChatRenderer, template: HindsightTemplate, o: str, cfg: Lay
     return None
 
 
-def _build_teacher(
-    r: ChatRenderer,
-    template: HindsightTemplate,
-    history: list[dict],
-    followup: str,
-    reply: str,
-    student_text: str,
-    student_ids: list[int],
-    student_prompt_len: int,
-    spans: list[tuple[int, int]],
-    response_ids: list[int],
-    where: str,
-) -> tuple[list[int], int, int]:
-    """Teacher ids, teacher prompt length and shared prefix length for one tuple.
+def _reply(y: str) -> dict:
+    return {"role": ASSISTANT, "content": y}
 
-    ``student_text``/``spans``: the student's rendered text and its reply spans, so the teacher
-    is cut at the same places inside the text both share (identical ids there).
-    """
-    teacher_history = template.teacher_messages(history, followup)
-    teacher_before, teacher_reply = r.locate_reply(teacher_history, reply, where + " (teacher)")
-    if teacher_reply != reply:
+
+def _view(r: ChatRenderer, history: list[dict], y: str, where: str, base: Tokenized | None) -> tuple[Tokenized, int]:
+    """``history`` + y rendered as the last turn and tokenised (reusing ``base`` where the texts
+    agree); returns the tokens and the index of y's first token."""
+    view = r.reply_view(history, y, where)
+    messages = history + [_reply(y)]
+    tok = r.tokenize(view.text, messages, view.prompt_end) if base is None else r.extend(base, view.text, messages, view.prompt_end)
+    start, end = tok.token_span(len(messages) - 1)
+    if end != len(tok.ids) - 1 or tok.ids[-1] != r.end_of_turn_id:
+        raise ChatTemplateError(
+            f"{where}: the reply is not followed by exactly one end-of-turn token {r.end_of_turn_token!r}"
+        )
+    if end == start:
+        raise ChatTemplateError(f"{where}: the reply renders to no tokens")
+    return tok, start
+
+
+def _teacher(r, template, history, followup, y, response_ids, where, base) -> tuple[list[int], int]:
+    """Teacher ids and teacher prompt length; the teacher scores exactly the student's y."""
+    teacher, prompt_len = _view(r, template.teacher_messages(history, followup), y, where + " (teacher)", base)
+    if teacher.ids[prompt_len:] != response_ids:
         raise ChatTemplateError(f"{where}: the template renders y differently for the teacher than for the student")
-    shared_chars = common_prefix_len(student_text, teacher_before)
-    teacher_prompt = r.encode_with_cuts(teacher_before, [s for s in spans if s[1] <= shared_chars]).ids
-    teacher_ids = teacher_prompt + response_ids
-    # The teacher's first scored hidden state (teacher_prompt_len - 1) must lie in its suffix.
-    prefix = min(common_prefix_len(student_ids, teacher_ids), student_prompt_len, len(teacher_prompt) - 1)
-    return teacher_ids, len(teacher_prompt), prefix
+    return teacher.ids, prompt_len
 
 
-def _cut_history(x: list[dict], keep: int | None) -> list[dict]:
-    """Last ``keep`` messages (system kept on top), starting with a user message (the paper);
-    ``keep=None`` returns x as logged."""
-    if keep is None:
-        return list(x)
-    system = x[:1] if x and x[0]["role"] == SYSTEM else []
-    body = x[len(system) :]
-    body = body[max(0, len(body) - keep) :]
+def _drop_leading_assistants(messages: list[dict]) -> list[dict]:
+    system = messages[:1] if messages and messages[0]["role"] == SYSTEM else []
+    body = messages[len(system) :]
     while body and body[0]["role"] == ASSISTANT:
         body = body[1:]
     return system + body
+
+
+def _cut_history(x: list[dict], keep: int | None) -> list[dict]:
+    """Last ``keep`` messages (system kept on top; None: all), starting with a user message
+    (the paper drops leading assistant messages; chat templates with role rules need it)."""
+    if keep is None:
+        return _drop_leading_assistants(x)
+    system = x[:1] if x and x[0]["role"] == SYSTEM else []
+    body = x[len(system) :]
+    return _drop_leading_assistants(system + body[max(0, len(body) - keep) :])
 
 
 # ---- per-tuple layout ---------------------------------------------------------------------
@@ -109,8 +134,9 @@ def tokenize_tuple(
 
     ``tokenizer`` is a Hugging Face tokenizer with a chat template (or a :class:`ChatRenderer`).
     Raises :class:`ChatTemplateError` naming the tuple when the template cannot render it
-    consistently.
+    consistently, :class:`DataError` for a malformed tuple.
     """
+    _check_tuple(t)
     cfg = config or LayoutConfig()
     report = report if report is not None else DataReport()
     r = ChatRenderer.for_tokenizer(tokenizer, cfg.chat_template_kwargs, cfg.end_of_turn_token)
@@ -124,35 +150,32 @@ def tokenize_tuple(
     while True:
         if not history or history[-1]["role"] != USER:
             raise DataError(f"{where}: the history must end with a user message")
-        before, reply = r.locate_reply(history, t.y, where)
-        spans = [s for s in r.reply_spans(history, before, where, strict=False) if s is not None]
-        prompt = r.encode_with_cuts(before, spans)
-        if cfg.max_prompt_tokens is None or len(prompt.ids) <= cfg.max_prompt_tokens:
+        student, prompt_len = _view(r, history, t.y, where, None)
+        if cfg.max_prompt_tokens is None or prompt_len <= cfg.max_prompt_tokens:
             break
         body_len = len(history) - (1 if history[0]["role"] == SYSTEM else 0)
         if body_len <= 1:
             report.dropped_tuples["prompt_over_budget"] += 1
             return None
-        shorter = _cut_history(history, body_len - 1)
         report.adjusted["history_cut_for_budget"] += 1
-        history = shorter
+        history = _cut_history(history, body_len - 1)
 
-    response_ids = r.encode(reply) + [r.end_of_turn_id]
+    response_ids = student.ids[prompt_len:]
     if cfg.max_response_tokens is not None and len(response_ids) > cfg.max_response_tokens:
         report.dropped_tuples["response_over_budget"] += 1
         return None
-    student_ids = prompt.ids + response_ids
-    teacher_ids, teacher_prompt_len, prefix = _build_teacher(
-        r, template, history, followup, reply, before, student_ids, len(prompt.ids), spans, response_ids, where
-    )
+    teacher_ids, teacher_prompt_len = _teacher(r, template, history, followup, t.y, response_ids, where, student)
+    # The teacher's first scored hidden state (teacher_prompt_len - 1) must lie in its suffix.
+    prefix = min(common_prefix_len(student.ids, teacher_ids), prompt_len, teacher_prompt_len - 1)
     report.examples_built += 1
+    report.student_tokens += len(student.ids)
     return TupleExample(
         conversation_id=t.conversation_id,
         turn_index=t.turn_index,
-        student_ids=student_ids,
+        student_ids=student.ids,
         teacher_ids=teacher_ids,
         prefix_len=prefix,
-        student_prompt_len=len(prompt.ids),
+        student_prompt_len=prompt_len,
         teacher_prompt_len=teacher_prompt_len,
         response_mask=_response_mask(len(response_ids), cfg.ignore_first_k),
         kept_history_messages=len(history),
@@ -165,7 +188,7 @@ def tokenize_tuple(
 def _conversation_messages(tuples: list[InteractionTuple]) -> list[dict]:
     """The conversation up to the last scored y, checked against every tuple's x and y."""
     last = tuples[-1]
-    messages = last.full_history + [{"role": ASSISTANT, "content": last.y}]
+    messages = last.full_history + [_reply(last.y)]
     for t in tuples:
         if t.conversation_id != last.conversation_id:
             raise DataError(
@@ -177,46 +200,188 @@ def _conversation_messages(tuples: list[InteractionTuple]) -> list[dict]:
     return messages
 
 
-class _Windows:
-    """Encodes sub-conversations ``system + messages[first : last + 1]`` (memoised)."""
+class _Conversation:
+    """One conversation: its messages, its whole tokenisation and per-message token offsets
+    (the window planner's estimates), and window trunks."""
 
     def __init__(self, r: ChatRenderer, messages: list[dict], where: str):
         self.r, self.messages, self.where = r, messages, where
         self.system = messages[:1] if messages and messages[0]["role"] == SYSTEM else []
-        self._cache: dict[tuple[int, int], tuple[list[dict], str, list, EncodedText]] = {}
+        # Windows start at a user message: a leading assistant message is dropped (as the
+        # per-tuple layout does), and templates with role rules render every window.
+        self.first = next(i for i in range(len(self.system), len(messages)) if messages[i]["role"] == USER)
+        self.full = self.trunk(self.first, len(messages) - 1)
+        # Token offset where each message's rendering begins (its markup), in ``full``.
+        self.begin: dict[int, int] = {}
+        self.reply_start: dict[int, int] = {}
+        self.end: dict[int, int] = {}
+        offset = len(self.system)
+        previous_end = self.full.token_at[self.full.spans[0][1]] if self.system and self.full.spans[0] else 0
+        for i in range(self.first, len(messages)):
+            span = self.full.spans[i - self.first + offset]
+            self.begin[i] = previous_end
+            if span is not None:
+                self.reply_start[i] = self.full.token_at[span[0]]
+                previous_end = self.full.token_at[span[1]]
+            self.end[i] = previous_end + (1 if messages[i]["role"] == ASSISTANT else 0)
+        self.head = self.begin[self.first]  # BOS, system block: in every window
 
-    def encode(self, first: int, last: int):
-        if (first, last) not in self._cache:
-            window = self.system + self.messages[first : last + 1]
-            text = self.r.render(window, False, self.where)
-            spans = self.r.reply_spans(window, text, self.where, strict=True)
-            self._cache[(first, last)] = (window, text, spans, self.r.encode_with_cuts(text, spans))
-        return self._cache[(first, last)]
+    def window(self, first: int, last: int) -> list[dict]:
+        return self.system + self.messages[first : last + 1]
 
-    def length(self, first: int, last: int) -> int:
-        # The sequence ends with the end-of-turn token of its last reply.
-        return self.encode(first, last)[3].reply_token_spans[-1][1] + 1
+    def trunk(self, first: int, last: int) -> Tokenized:
+        """The window ``system + messages[first:last + 1]`` rendered and tokenised, cut after
+        its last reply's end-of-turn token."""
+        window = self.window(first, last)
+        text = self.r.render(window, False, self.where)
+        spans = self.r.locate(window, text)
+        if spans[-1] is None:
+            raise ChatTemplateError(
+                f"{self.where}, message {last}: the rendered conversation does not contain this reply followed by "
+                f"the end-of-turn token {self.r.end_of_turn_token!r}"
+            )
+        text = text[: spans[-1][1] + len(self.r.end_of_turn_token)]
+        return self.r.tokenize(text, window, spans=spans)
+
+    # Estimates from the whole tokenisation (exact for templates whose windows render as
+    # slices of the conversation; the built windows are checked against max_length anyway).
+    def est_length(self, first: int, replies: list[int]) -> int:
+        n = self.head + self.end[replies[-1]] - self.begin[first]
+        if self.r.replies_branch:  # every reply but the window's last gets a branch
+            n += sum(self.end[j] - self.reply_start.get(j, self.begin[j]) + 8 for j in replies[:-1])
+        return n
+
+    def est_context(self, first: int, j: int) -> int:
+        return self.head + self.reply_start.get(j, self.begin[j]) - self.begin[first]
 
 
-def _plan_windows(w: _Windows, tuples: list[InteractionTuple], max_length: int | None, report: DataReport):
-    """Assign each tuple to one window ``(first, tuples)``: as much history as fits."""
-    start = len(w.system)
-    if max_length is None:
-        return [(start, tuples)]
-    starts = [start] + [i for i, m in enumerate(w.messages) if m["role"] == USER and i > start]
-    windows: list[tuple[int, list[InteractionTuple]]] = []
-    for t in tuples:
-        j = t.message_index
-        if windows and w.length(windows[-1][0], j) <= max_length:
-            windows[-1][1].append(t)
+def _build_window(conv, first, window_tuples, followups, r, template, cfg, report, window_index):
+    """One :class:`ConversationExample` (trunk plus student branches) and each tuple's context."""
+    last = window_tuples[-1].message_index
+    whole = first == conv.first and last == len(conv.messages) - 1
+    trunk = conv.full if whole else conv.trunk(first, last)
+    offset = len(conv.system) - first  # conversation index -> window index
+    window = trunk.messages
+    input_ids = list(trunk.ids)
+    trunk_ids = trunk.ids
+    branches: list[StudentBranch] = []
+    packed, contexts = [], []
+    for t in window_tuples:
+        j = t.message_index + offset
+        where = _record(t)
+        student, prompt_len = _view(r, window[:j], t.y, where, trunk)
+        response_ids = student.ids[prompt_len:]
+        if cfg.max_response_tokens is not None and len(response_ids) > cfg.max_response_tokens:
+            report.dropped_tuples["response_over_budget"] += 1
             continue
-        lowest = windows[-1][0] if windows else start
-        first = next((s for s in starts if lowest <= s < j and w.length(s, j) <= max_length), None)
-        if first is None:
+        attach = common_prefix_len(student.ids, trunk_ids)
+        if attach == len(student.ids):  # the student's context is a prefix of the trunk
+            start, end = prompt_len, len(student.ids)
+            context = prompt_len
+        else:
+            # A student branch: the student's ids after the trunk, attached where they part
+            # (at least one token before y, so y's first prediction row is in the branch).
+            attach = min(attach, prompt_len - 1)
+            branch = StudentBranch(len(input_ids), len(input_ids) + len(student.ids) - attach, attach)
+            input_ids.extend(student.ids[attach:])
+            branches.append(branch)
+            start, end = branch.start + prompt_len - attach, branch.end
+            context = prompt_len
+        teacher_ids, teacher_prompt_len = _teacher(
+            r, template, window[:j], followups[t.message_index], t.y, response_ids, where, trunk
+        )
+        # The teacher prefix lies in the trunk, before y's first scored hidden state.
+        prefix = min(common_prefix_len(teacher_ids, trunk_ids), teacher_prompt_len - 1,
+                     start if start < len(trunk_ids) else attach)
+        packed.append(
+            PackedTuple(
+                turn_index=t.turn_index,
+                response_start=start,
+                response_end=end,
+                prefix_offset=prefix,
+                teacher_prompt_len=teacher_prompt_len,
+                teacher_suffix_ids=teacher_ids[prefix:],
+                response_mask=_response_mask(len(response_ids), cfg.ignore_first_k),
+            )
+        )
+        contexts.append(context)
+    if not packed:
+        return None, contexts
+    # Trunk tokens that no scored reply, branch or teacher prefix uses are not kept.
+    needed = max([p.response_end for p in packed if p.response_end <= len(trunk_ids)]
+                 + [b.attach for b in branches] + [p.prefix_offset for p in packed])
+    if needed < len(trunk_ids):
+        cut = len(trunk_ids) - needed
+        input_ids = input_ids[:needed] + input_ids[len(trunk_ids) :]
+        branches = [StudentBranch(b.start - cut, b.end - cut, b.attach) for b in branches]
+        for p in packed:
+            if p.response_start >= len(trunk_ids):
+                p.response_start -= cut
+                p.response_end -= cut
+    example = ConversationExample(
+        window_tuples[0].conversation_id, window_index, first, input_ids, packed,
+        trunk_len=len(input_ids) - sum(b.end - b.start for b in branches), student_branches=branches,
+    )
+    return example, contexts
+
+
+def _window_starts(conv: _Conversation) -> list[int]:
+    return [i for i in range(conv.first, len(conv.messages)) if conv.messages[i]["role"] == USER]
+
+
+def _plan_and_build(conv, tuples, followups, r, template, cfg, report) -> list[ConversationExample]:
+    """Windows: greedy, each as long as ``max_length`` allows, each new one starting at the
+    latest user message that leaves its first reply at least ``min(history, max_length // 2)``
+    tokens of context. Student tokens stay near twice the conversation's (each window repeats
+    about half a window of context) and no reply sees less than half a window of history."""
+    L = cfg.max_length
+    if L is None or conv.est_length(conv.first, [t.message_index for t in tuples]) <= L:
+        example, _ = _build_window(conv, conv.first, tuples, followups, r, template, cfg, report, 0)
+        if L is None or example is None or len(example.input_ids) <= L:
+            return [example] if example is not None else []
+    starts = _window_starts(conv)
+    examples: list[ConversationExample] = []
+    pending = list(tuples)
+    lowest = conv.first
+    while pending:
+        t0 = pending[0]
+        j0 = t0.message_index
+        need = min(L // 2, conv.est_context(conv.first, j0))
+        candidates = [s for s in starts if lowest <= s < j0]
+        fitting = [s for s in candidates if conv.est_length(s, [j0]) <= L]
+        enough = [s for s in fitting if conv.est_context(s, j0) >= need]
+        if enough:  # the latest start with enough context; later (shorter) ones if the estimate was short
+            order = [s for s in fitting if s >= enough[-1]]
+        else:  # a long reply: as much context as fits
+            order = fitting or candidates[-1:]
+        group = [t0]
+        built = None
+        for s in order:
+            group = [t0]
+            for t in pending[1:]:
+                if conv.est_length(s, [g.message_index for g in group] + [t.message_index]) > L:
+                    break
+                group.append(t)
+            while group:
+                built, contexts = _build_window(conv, s, group, followups, r, template, cfg, report, len(examples))
+                if built is None or len(built.input_ids) <= L:
+                    break
+                group = group[:-1]
+                built = None
+            if group:
+                break
+        if not group:
             report.dropped_tuples["window_over_budget"] += 1
+            pending = pending[1:]
             continue
-        windows.append((first, [t]))
-    return windows
+        pending = pending[len(group) :]
+        if built is None:  # every tuple of the group was dropped by a budget
+            continue
+        lowest = s
+        if contexts and contexts[0] < need:
+            report.adjusted["window_context_below_half"] += 1
+        examples.append(built)
+    return examples
 
 
 def tokenize_conversation(
@@ -228,71 +393,36 @@ def tokenize_conversation(
 ) -> list[ConversationExample]:
     """Tokenise the tuples of one conversation into the packed layout (one example per window).
 
-    The student sequence is the whole conversation up to the last scored reply; each tuple gets
-    a teacher suffix whose prefix is ``input_ids[:prefix_offset]``. ``history_messages`` and
-    ``max_prompt_tokens`` do not apply (each y sees the conversation before it, within its
-    window). Raises :class:`ChatTemplateError` when the template renders a reply differently as
-    history than as the last reply (the packed sequence would then disagree with the per-tuple one).
+    Each example is a token tree (see :class:`ConversationExample`): the trunk is the window as
+    the template renders it as history; a reply the template renders differently as the last
+    turn (Qwen3's empty think block) is scored in a student branch, so that every tuple's
+    student context equals its per-tuple student sequence (history unlimited) token for token.
+    Each tuple gets a teacher suffix whose prefix is ``input_ids[:prefix_offset]`` (in the
+    trunk). ``history_messages`` and ``max_prompt_tokens`` do not apply (each y sees the
+    conversation before it, within its window); a leading assistant message is dropped.
     """
     cfg = config or LayoutConfig()
     report = report if report is not None else DataReport()
     r = ChatRenderer.for_tokenizer(tokenizer, cfg.chat_template_kwargs, cfg.end_of_turn_token)
     template = HindsightTemplate.resolve(template)
-    tuples = sorted(tuples, key=lambda t: t.message_index)
+    tuples = list(tuples)
+    for t in tuples:
+        _check_tuple(t)
+    tuples.sort(key=lambda t: t.message_index)
     if not tuples:
         return []
     messages = _conversation_messages(tuples)
     where = f"conversation {tuples[0].conversation_id!r}"
-    w = _Windows(r, messages, where)
+    conv = _Conversation(r, messages, where)
 
-    followups = {}
-    for t in tuples:
-        followups[t.message_index] = _fit_followup(r, template, t.o, cfg, report)
-    kept = [t for t in tuples if followups[t.message_index] is not None]
-
-    examples = []
-    for window_index, (first, window_tuples) in enumerate(_plan_windows(w, kept, cfg.max_length, report)):
-        last = window_tuples[-1].message_index
-        window, text, spans, encoded = w.encode(first, last)
-        input_ids = encoded.ids[: w.length(first, last)]
-        offset = len(w.system) - first  # conversation index -> window index
-        reply_of = {i: k for k, i in enumerate(i for i, m in enumerate(window) if m["role"] == ASSISTANT)}
-        packed = []
-        for t in window_tuples:
-            j = t.message_index + offset
-            k = reply_of[j]
-            (char_start, char_end), (tok_start, tok_end) = spans[k], encoded.reply_token_spans[k]
-            if input_ids[tok_end] != r.end_of_turn_id:
-                raise ChatTemplateError(f"{_record(t)}: the reply is not followed by the end-of-turn token")
-            student_prompt = r.encode_with_cuts(text[:char_start], spans[:k]).ids
-            if student_prompt != input_ids[:tok_start]:
-                at = common_prefix_len(student_prompt, input_ids[:tok_start])
-                raise ChatTemplateError(
-                    f"{_record(t)}: the conversation's ids before this reply differ from the reply's own prompt "
-                    f"ids at token {at}; the packed layout would give it a different context than the per-tuple one"
-                )
-            response_ids = input_ids[tok_start : tok_end + 1]
-            if cfg.max_response_tokens is not None and len(response_ids) > cfg.max_response_tokens:
-                report.dropped_tuples["response_over_budget"] += 1
-                continue
-            teacher_ids, teacher_prompt_len, prefix = _build_teacher(
-                r, template, window[:j], followups[t.message_index], text[char_start:char_end], text,
-                input_ids, tok_start, spans[:k], response_ids, _record(t),
-            )
-            packed.append(
-                PackedTuple(
-                    turn_index=t.turn_index,
-                    response_start=tok_start,
-                    response_end=tok_end + 1,
-                    prefix_offset=prefix,
-                    teacher_prompt_len=teacher_prompt_len,
-                    teacher_suffix_ids=teacher_ids[prefix:],
-                    response_mask=_response_mask(len(response_ids), cfg.ignore_first_k),
-                )
-            )
-        if packed:
-            report.examples_built += 1
-            examples.append(ConversationExample(tuples[0].conversation_id, window_index, first, input_ids, packed))
+    followups = {t.message_index: _fit_followup(r, template, t.o, cfg, report) for t in tuples}
+    kept = [t for t in tuples if followups[t.message_index] is not None and t.message_index > conv.first]
+    if not kept:
+        return []
+    examples = _plan_and_build(conv, kept, followups, r, template, cfg, report)
+    report.examples_built += len(examples)
+    report.student_tokens += sum(len(e.input_ids) for e in examples)
+    report.conversation_tokens += len(conv.full.ids)
     return examples
 
 
@@ -303,15 +433,69 @@ def iter_examples(
     config: LayoutConfig | None = None,
     layout: str = "tuple",
     report: DataReport | None = None,
+    on_error: str = "raise",
 ) -> Iterator[TupleExample | ConversationExample]:
-    """Stream examples of one layout (``"tuple"`` or ``"packed"``); dropped tuples are counted."""
-    if layout == "tuple":
-        for t in tuples:
-            example = tokenize_tuple(t, tokenizer, template, config, report)
-            if example is not None:
-                yield example
-    elif layout == "packed":
-        for group in group_by_conversation(tuples):
-            yield from tokenize_conversation(group, tokenizer, template, config, report)
-    else:
+    """Stream examples of one layout (``"tuple"`` or ``"packed"``); dropped tuples are counted.
+
+    ``on_error="skip"``: a tuple (per-tuple layout) or conversation (packed) that cannot be
+    tokenised (the template raises, breaks its own role rules, renders inconsistently; a
+    malformed hand-built tuple) is counted in ``report.skipped_records`` under
+    ``template_error`` or ``invalid_tuple`` with where it was, and the run goes on;
+    ``"raise"`` (default) raises the :class:`DataError`. Conversations whose text holds a
+    special token's string are counted in ``report.records_with_special_tokens``.
+    """
+    if layout not in ("tuple", "packed"):
         raise ValueError(f"layout must be 'tuple' or 'packed', got {layout!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    cfg = config or LayoutConfig()
+    report = report if report is not None else DataReport()
+    r = ChatRenderer.for_tokenizer(tokenizer, cfg.chat_template_kwargs, cfg.end_of_turn_token)
+
+    def guarded(build, where: str, count: int):
+        try:
+            return build()
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            reason = "template_error" if isinstance(e, ChatTemplateError) else "invalid_tuple"
+            report.skip(reason, where, str(e))
+            if count > 1:
+                report.dropped_tuples[reason] += count
+            return None
+
+    for group in _groups(tuples, on_error, report):
+        texts = [m.get("content") for m in group[-1].full_history] + [t.y for t in group] + [t.o for t in group]
+        if any(isinstance(s, str) and r.contains_special_text(s) for s in texts):
+            report.records_with_special_tokens += 1
+        if layout == "tuple":
+            for t in group:
+                example = guarded(lambda: tokenize_tuple(t, r, template, cfg, report), _where(t), 1)
+                if example is not None:
+                    yield example
+        else:
+            examples = guarded(lambda: tokenize_conversation(group, r, template, cfg, report), _where(group[0], False),
+                               len(group))
+            yield from examples or []
+
+
+def _where(t, turn: bool = True) -> str:
+    location = t.metadata.get("location") if isinstance(getattr(t, "metadata", None), dict) else None
+    name = _record(t) if turn else f"conversation {t.conversation_id!r}"
+    return f"{location}: {name}" if location else name
+
+
+def _groups(tuples, on_error, report) -> Iterator[list[InteractionTuple]]:
+    """Conversation groups; under ``skip`` a non-tuple item is counted, not fatal."""
+    def checked():
+        for t in tuples:
+            try:
+                _check_tuple(t)
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                report.skip("invalid_tuple", _where(t) if isinstance(t, InteractionTuple) else repr(t)[:60], str(e))
+                continue
+            yield t
+
+    yield from group_by_conversation(checked())
