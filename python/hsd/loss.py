@@ -13,99 +13,25 @@ under stop-gradient. Three per-token objectives (``mode``):
   (``tail=True``; computed as the log of the off-support mass) or both renormalised over the
   support (``tail=False``).
 
-The float64-exact definition lives here (:func:`divergence`, :func:`reference_token_terms`);
-every backend in :mod:`hsd.backends` is tested against it.
+The float64-exact definition is :mod:`hsd.definition` (:func:`divergence`,
+:func:`reference_token_terms`, re-exported here); every backend in :mod:`hsd.backends` is tested
+against it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .backends import (FULL, MODES, NO_GRAD, SAMPLED, TOPK, DivergenceSpec, GradNeeds,
-                       select_backend)
+from .backends import MODES, NO_GRAD, SAMPLED, DivergenceSpec, GradNeeds, select_backend
+from .definition import STAT_NAMES, divergence, reference_token_terms, topk_support  # noqa: F401
 
 logger = logging.getLogger("hsd")
 
 REDUCTIONS = ("seq_mean", "token_mean", "sum", "none")
-STAT_NAMES = ("student_logp", "teacher_logp", "advantage", "divergence")
-
-
-# ----------------------------------------------------------------------------------------------
-# The definition (pure PyTorch, differentiable, exact in float64)
-# ----------------------------------------------------------------------------------------------
-def _plogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Elementwise p * (log p - log q) with 0 * log 0 = 0, safe for autograd at p = 0."""
-    present = logp != float("-inf")  # NaN stays NaN
-    safe_logp = torch.where(present, logp, torch.zeros_like(logp))
-    safe_logq = torch.where(present, logq, torch.zeros_like(logq))
-    return torch.where(present, safe_logp.exp() * (safe_logp - safe_logq), torch.zeros_like(logp))
-
-
-def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Per-row divergence between two log-probability tensors (last dimension), TRL convention."""
-    if alpha == 0.0:
-        return _plogratio(teacher_logp, student_logp).sum(-1)
-    if alpha == 1.0:
-        return _plogratio(student_logp, teacher_logp).sum(-1)
-    # where both sides are -inf the mixture is unused; keep logaddexp's gradient finite there
-    both_absent = (student_logp == float("-inf")) & (teacher_logp == float("-inf"))
-    zero = torch.zeros_like(student_logp)
-    mix_logp = torch.logaddexp(torch.where(both_absent, zero, student_logp) + math.log1p(-alpha),
-                               torch.where(both_absent, zero, teacher_logp) + math.log(alpha))
-    return ((1.0 - alpha) * _plogratio(student_logp, mix_logp).sum(-1)
-            + alpha * _plogratio(teacher_logp, mix_logp).sum(-1))
-
-
-def _topk_bucket_logp(logp: torch.Tensor, ids: torch.Tensor, tail: bool) -> torch.Tensor:
-    """Log-probabilities over the support ``ids`` (+ the tail bucket, or renormalised)."""
-    support = logp.gather(-1, ids)
-    if not tail:
-        return support - torch.logsumexp(support, -1, keepdim=True)
-    # the tail is the off-support mass summed directly (1 - sum p_topk cancels catastrophically)
-    off_support = logp.scatter(-1, ids, float("-inf"))
-    has_tail = (off_support != float("-inf")).any(-1, keepdim=True)  # an empty tail: no gradient
-    tail_logp = torch.logsumexp(torch.where(has_tail, off_support, 0.0), -1, keepdim=True)
-    return torch.cat([support, torch.where(has_tail, tail_logp, float("-inf"))], -1)
-
-
-def reference_token_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                          target_ids: Optional[torch.Tensor], spec: DivergenceSpec,
-                          advantage: Optional[torch.Tensor] = None):
-    """Per-token loss and stats by the definition; differentiable in ``student_logits``.
-
-    Computes in float64 when given float64, else float32. Returns ``(token_loss [N], stats [N, 4])``
-    with the stats columns named in :data:`STAT_NAMES` (all detached).
-    """
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    lp_s = torch.log_softmax(student_logits.to(dtype) / spec.temperature, -1)
-    lp_t = torch.log_softmax(teacher_logits.detach().to(dtype) / spec.temperature, -1)
-    n = lp_s.shape[0]
-    if target_ids is not None:
-        lp_s_y = lp_s.gather(-1, target_ids[:, None])[:, 0]
-        lp_t_y = lp_t.gather(-1, target_ids[:, None])[:, 0]
-    else:
-        lp_s_y = lp_t_y = torch.zeros(n, dtype=dtype, device=lp_s.device)
-    adv = (lp_t_y - lp_s_y).detach()
-    if spec.mode == SAMPLED:
-        a = advantage.to(dtype) if advantage is not None else adv
-        if advantage is None and spec.signal_clip > 0:
-            a = a.clamp(-spec.signal_clip, spec.signal_clip)
-        token_loss = -a * lp_s_y
-        div = -adv
-    else:
-        if spec.mode == TOPK:
-            ranked = lp_t if spec.topk_from_teacher else lp_s
-            ids = ranked.topk(spec.topk, -1).indices
-            lp_s, lp_t = (_topk_bucket_logp(lp, ids, spec.tail) for lp in (lp_s, lp_t))
-        div = divergence(lp_s, lp_t, spec.alpha)
-        token_loss = div.clamp(max=spec.kl_clip) if spec.kl_clip > 0 else div
-    stats = torch.stack([lp_s_y, lp_t_y, adv, div.detach()], -1)
-    return token_loss, stats.detach()
 
 
 # ----------------------------------------------------------------------------------------------

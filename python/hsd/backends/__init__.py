@@ -25,7 +25,7 @@ Per token, with s = student logits / T and t = teacher logits / T, lp = log_soft
     (zeros without targets), stats[:, 3] = the per-token divergence (sampled: the one-sample
     estimate -A of the reverse KL; full / topk: D before kl_clip).
     sampled: a = advantage if given, else clamp(A, +-signal_clip); token_loss = -a * lp_s[y].
-    full / topk: token_loss = min(D, kl_clip), D from :func:`hsd.loss.divergence`.
+    full / topk: token_loss = min(D, kl_clip), D from :func:`hsd.definition.divergence`.
 Top-k tail bucket: P_tail = the sum of the off-support probabilities (summed directly, not as
 1 - sum over the support, which cancels catastrophically when the support holds nearly all mass).
 """

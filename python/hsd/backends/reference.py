@@ -8,6 +8,7 @@ works under ``torch.inference_mode``).
 import torch
 import torch.nn.functional as F
 
+from ..definition import reference_token_terms
 from . import as_needs
 
 name = "reference"
@@ -35,8 +36,6 @@ def _masked_rows(grad, coef):
 
 
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
-    from ..loss import reference_token_terms
-
     with torch.autocast(student_logits.device.type, enabled=False):
         if not compute_grad:
             token_loss, stats = reference_token_terms(student_logits.detach(), teacher_logits,
@@ -53,8 +52,6 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
           coef, advantage, spec, needs):
     needs = as_needs(needs)
-    from ..loss import reference_token_terms
-
     dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     up = (lambda x: None if x is None else x.detach().to(dtype))
     with torch.autocast(student_hidden.device.type, enabled=False):

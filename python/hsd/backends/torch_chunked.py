@@ -25,8 +25,24 @@ def supports(device: torch.device) -> bool:
 
 
 def _plogratio(logp, logq):
-    present = logp != float("-inf")  # NaN stays NaN
-    return torch.where(present, logp.exp() * (logp - logq), torch.zeros_like(logp))
+    """p * (log p - log q): 0 where p = 0, +inf where p > 0 = q (even if p underflows)."""
+    neg_inf = float("-inf")
+    present = logp != neg_inf  # NaN stays NaN
+    unbounded = present & (logq == neg_inf) & ~torch.isnan(logp)
+    value = torch.where(present, logp.exp() * (logp - logq), torch.zeros_like(logp))
+    return torch.where(unbounded, torch.full_like(value, float("inf")), value)
+
+
+def topk_ids(ranked, k):
+    """The definition's top-k support (:func:`hsd.definition.topk_support`: ties at the k-th rank
+    go to the lower ids) without a sort over V: all entries above the k-th largest value, then
+    the lowest ids among those equal to it."""
+    kth = ranked.topk(k, -1).values[:, -1:]
+    above = ranked > kth
+    tied = ranked == kth
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    return chosen.to(torch.uint8).topk(k, -1).indices  # exactly k entries are chosen
 
 
 def _divergence_and_slope(lp, lq, alpha):
@@ -74,8 +90,8 @@ def token_terms(student_logits, teacher_logits, target_ids, coef, advantage, spe
             if compute_grad:
                 grad = slope - p * slope.sum(-1, keepdim=True)
         else:
-            ranked = lp_t if spec.topk_from_teacher else lp_s
-            ids = ranked.topk(spec.topk, -1).indices
+            ranked = teacher_logits if spec.topk_from_teacher else student_logits
+            ids = topk_ids(ranked.to(dtype) / spec.temperature, spec.topk)
             sup_s, sup_t = lp_s.gather(1, ids), lp_t.gather(1, ids)
             if spec.tail:
                 tail_lp_s = lp_s.scatter(1, ids, float("-inf")).logsumexp(-1, keepdim=True)
