@@ -161,6 +161,8 @@ def test_thousand_conversations_stream_in_bounded_memory(tmp_path):
 def test_missing_local_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing.parquet: no such file"):
         list(read_conversations(tmp_path / "missing.parquet"))
+    with pytest.raises(FileNotFoundError, match=r"shards: no such file or directory"):
+        list(read_conversations(str(tmp_path / "shards")))  # an absolute path, not a hub name
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])

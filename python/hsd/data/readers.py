@@ -200,8 +200,10 @@ def read_rows(
             yield f"row {i}", row
         return
     path = Path(source)
-    if data_files is None and not path.exists() and path.suffix in LOCAL_SUFFIXES:
-        raise FileNotFoundError(f"{path}: no such file")
+    # A name that can only be a path is never looked up on the hub (whose error would mislead).
+    looks_local = path.suffix in LOCAL_SUFFIXES or str(source).startswith(("/", "./", "../", "~"))
+    if data_files is None and not path.exists() and looks_local:
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if path.exists() and data_files is None:
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}
         for file in _local_files(path):
