@@ -234,3 +234,25 @@ def test_inspect_prints_the_special_token_and_student_token_counts(workdir, caps
     report = json.loads(capsys.readouterr().out)["report"]
     assert {"student_tokens", "conversation_tokens", "student_token_ratio", "records_with_special_tokens",
             "skipped_locations"} <= set(report)
+
+
+@pytest.mark.parametrize("layout", ["tuple", "packed"])
+def test_a_conversation_the_template_cannot_render_is_counted_under_skip(workdir, capsys, layout):
+    from hsd.data.testing import CHAT_TEMPLATES
+
+    tok = tiny_chat_tokenizer("chatml")
+    # Gemma-style: the template itself refuses a system message.
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + CHAT_TEMPLATES["chatml"][0])
+    path = workdir / "no_system_tokenizer"
+    tok.save_pretrained(str(path))
+    rows = [HI, {"id": "sys", "messages": [{"role": "system", "content": "Be brief."}, *HI["messages"]]}, HI]
+    data = workdir / "with_system.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["data", "inspect", str(data), "--tokenizer", str(path), "--layout", layout, "--json"]
+    assert main(base) == 2
+    assert "System role not supported" in capsys.readouterr().err
+    assert main(base + ["--on-error", "skip"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert report["skipped_records"] == {"template_error": 1} and report["examples_built"] == 2
+    assert "'sys'" in report["skipped_locations"]["template_error"][0]

@@ -137,7 +137,7 @@ def _pipeline(args, report):
     tuples = extract_tuples(conversations, FilterConfig.preset(args.filters), report)
     if tokenizer is None:
         return tuples, None, None
-    examples = iter_examples(tuples, tokenizer, args.template, config, args.layout, report)
+    examples = iter_examples(tuples, tokenizer, args.template, config, args.layout, report, on_error=args.on_error)
     return tuples, examples, tokenizer
 
 
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s")
     try:
         return args.handler(args)
+    except BrokenPipeError:  # `hsd data inspect ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:  # hsd.data.DataError, bad option values, missing files
         if args.verbose:
             raise
