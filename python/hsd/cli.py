@@ -170,6 +170,7 @@ def _data_inspect(args) -> int:
                           "shared prefix tokens": ex.prefix_len, "response tokens": len(ex.response_ids)}
             else:
                 values = {"sequence tokens": len(ex.input_ids), "scored responses": len(ex.tuples),
+                          "student branches": len(ex.student_branches),
                           "teacher suffix tokens": sum(len(t.teacher_suffix_ids) for t in ex.tuples)}
             for name, value in values.items():
                 lengths.setdefault(name, []).append(value)

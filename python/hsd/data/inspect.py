@@ -44,12 +44,21 @@ def render_example(example: TupleExample | ConversationExample, tokenizer) -> st
             "--- student continues ---", _decode(tokenizer, example.student_ids[example.prefix_len :]),
             "--- teacher continues ---", _decode(tokenizer, example.teacher_suffix_ids),
         ])
+    branches = example.student_branches
     lines = [f"conversation {example.conversation_id!r} window {example.window_index}: "
-             f"{len(example.input_ids)} tokens, {len(example.tuples)} scored responses"]
+             f"{len(example.input_ids)} tokens ({example.trunk_len} trunk"
+             + (f", {len(branches)} student branches" if branches else "")
+             + f"), {len(example.tuples)} scored responses"]
     for t in example.tuples:
+        branch = example.branch_of(t.response_start)
+        where = (f"on a student branch attached after trunk token {branch.attach}: "
+                 f"{_decode(tokenizer, example.input_ids[branch.start : t.response_start])!r} + reply"
+                 if branch is not None else "in the trunk")
         lines += [
-            f"--- turn {t.turn_index}: prefix_offset={t.prefix_offset}, response tokens [{t.response_start}, {t.response_end}) ---",
+            f"--- turn {t.turn_index}: prefix_offset={t.prefix_offset}, response tokens [{t.response_start}, "
+            f"{t.response_end}) {where} ---",
             "..." + _decode(tokenizer, example.input_ids[max(0, t.prefix_offset - 12) : t.prefix_offset]) + SHARED_PREFIX_MARK,
+            "student reply: " + _decode(tokenizer, example.input_ids[t.response_start : t.response_end]),
             "teacher suffix: " + _decode(tokenizer, t.teacher_suffix_ids),
         ]
     return "\n".join(lines)
