@@ -270,3 +270,18 @@ def test_a_conversation_the_template_cannot_render_is_counted_under_skip(workdir
     report = json.loads(capsys.readouterr().out)["report"]
     assert report["skipped_records"] == {"template_error": 1} and report["examples_built"] == 2
     assert "'sys'" in report["skipped_locations"]["template_error"][0]
+
+
+@pytest.mark.parametrize("layout", ["tuple", "packed"])
+@pytest.mark.parametrize("filters", ["none", "paper"])
+def test_a_conversation_opening_with_an_assistant_message_is_tokenised(workdir, capsys, layout, filters):
+    greeting = {"id": "greet", "language": "en", "messages": [{"role": "assistant", "content": "Hi how can I help"},
+                                                              *HI["messages"]]}
+    data = workdir / "greeting.jsonl"
+    data.write_text(json.dumps(greeting) + "\n")
+    args = ["data", "inspect", str(data), "--tokenizer", str(workdir / "tokenizer"), "--layout", layout,
+            "--filters", filters, "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    # The greeting has no prompt (no tuple); the reply after the user's message is one.
+    assert (report["tuples_kept"], report["examples_built"], report["skipped_records"]) == (1, 1, {})
