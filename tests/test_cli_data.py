@@ -285,3 +285,18 @@ def test_a_conversation_opening_with_an_assistant_message_is_tokenised(workdir, 
     report = json.loads(capsys.readouterr().out)["report"]
     # The greeting has no prompt (no tuple); the reply after the user's message is one.
     assert (report["tuples_kept"], report["examples_built"], report["skipped_records"]) == (1, 1, {})
+
+
+def test_assistant_runs_follow_the_preset_or_the_flag(workdir, capsys):
+    run = {"id": "run", "language": "English", "messages": [
+        {"role": "user", "content": "u0"}, {"role": "assistant", "content": "a1"}, {"role": "assistant", "content": "a1b"},
+        {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a2"}]}
+    data = workdir / "runs.jsonl"
+    data.write_text(json.dumps(run) + "\n")
+    out = workdir / "runs_tuples.jsonl"
+    expected = {("none", None): ["a1"], ("paper", None): [], ("paper", "last"): ["a1b"], ("none", "skip"): []}
+    for (preset, runs), ys in expected.items():
+        args = ["data", "convert", str(data), str(out), "--no-progress", "--filters", preset]
+        assert main(args + ([] if runs is None else ["--assistant-runs", runs])) == 0
+        assert [json.loads(line)["completion"]["value"] for line in out.read_text().splitlines()] == ys
+    capsys.readouterr()

@@ -68,6 +68,9 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     flt.add_argument("--filters", choices=("paper", "none"), default="none",
                      help="filter preset: 'none' keeps every well-formed conversation; 'paper' is the authors' "
                           "preprocessing (FilterConfig.paper, METHOD.md §1)")
+    flt.add_argument("--assistant-runs", choices=("first", "last", "skip"), default=None,
+                     help="what a run of consecutive assistant messages yields: its first message as y, its last "
+                          "(the authors' WildFeedback script) or no tuple (their WildChat script); default: the preset's")
     lay = p.add_argument_group("layout (needs --tokenizer)")
     lay.add_argument("--tokenizer", default=None, help="tokenizer name or local path (AutoTokenizer)")
     lay.add_argument("--layout", choices=("tuple", "packed"), default="tuple")
@@ -134,7 +137,8 @@ def _pipeline(args, report):
         from tqdm.auto import tqdm
 
         conversations = tqdm(conversations, desc="conversations", unit="conv", file=sys.stderr)
-    tuples = extract_tuples(conversations, FilterConfig.preset(args.filters), report)
+    overrides = {} if args.assistant_runs is None else {"assistant_runs": args.assistant_runs}
+    tuples = extract_tuples(conversations, FilterConfig.preset(args.filters, **overrides), report)
     if tokenizer is None:
         return tuples, None, None
     examples = iter_examples(tuples, tokenizer, args.template, config, args.layout, report, on_error=args.on_error)
