@@ -103,7 +103,13 @@ class FilterConfig:
         messages removed first, >= 3 messages, <= 100,000 characters in total, <= 4,096
         characters per message, x cut to the last 5 messages before collapsing same-role runs,
         no tuple from a run of assistant messages (their WildFeedback script:
-        ``assistant_runs="last"``)."""
+        ``assistant_runs="last"``).
+
+        Where hsd differs from the scripts: message text is kept verbatim (their WildChat script
+        strips it), a leading system message is kept on top of x and not counted in the 5
+        (their scripts drop system messages), and ``"last"`` gives an x that ends with the user
+        message before the run (their WildFeedback rows end with the run's other replies, which
+        a chat template cannot render as a prompt)."""
         base = cls(
             languages=("English", "en"),
             min_nonempty_messages=3,
