@@ -9,8 +9,8 @@ Per chunk of ``rows`` tokens (a memory budget, :data:`CHUNK_ELEMENTS` logits per
    as it loads each logits tile (no extra pass over the logits);
 2. :func:`hsd_rows_kernel`, one program per token row: online softmax statistics of both
    sides, the divergence, and grad_logits written in the input dtype (in place over the
-   student logits when those have that dtype). Top-k support ids come from ``torch.topk`` on
-   the chunk (per-row selection is a sort, which torch's topk already does well); the kernel
+   student logits when those have that dtype). Top-k support ids come from
+   :func:`.topk.topk_support` on the chunk (torch's top-k plus the tie rule); the kernel
    takes them and the on-support gradients are scattered afterwards. With a bias, top-k mode
    ranks float32 biased logits that are bit-identical to the kernel's (it compares each
    entry against the k-th ranked logit to sum the tail mass);
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .row_divergence import TOPK, launch_rows
+from .topk import topk_support
 
 # logits per side per chunk: 2^28 = 2048 rows of a 128k vocabulary (2 GiB of float32 pairs)
 CHUNK_ELEMENTS = int(os.environ.get("HSD_TRITON_CHUNK_ELEMENTS", 1 << 28))
@@ -172,7 +173,7 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
                 kernel_bias = (None, None)
             elif bias is not None:  # half logits: rank a float32 biased copy (the kernel's sum)
                 ranked = ranked.float() + ranked_bias.float()
-            ids = ranked.topk(topk, 1, sorted=False).indices
+            ids = topk_support(ranked, topk)
         g = (s if grad_buf is None else grad_buf[:c]) if compute_grad else None
         sup = on_support[:c] if on_support is not None else None
         launch_rows(s, t, g, loss[start:stop], stats[start:stop],

@@ -2,9 +2,10 @@
 
 One Triton program per token row (:func:`hsd_rows_kernel`), two passes over the vocabulary
 tiles (three for the generalised JSD), writing grad_logits in the student logits' dtype.
-Top-k support ids come from ``torch.topk`` on the ranking side's logits (the order of
-``logits / T`` and of ``log_softmax(logits / T)`` agree), and the k on-support gradients are
-scattered over the row after the kernel.
+Top-k support ids come from :func:`.topk.topk_support` on the ranking side's logits (the
+order of ``logits / T`` and of ``log_softmax(logits / T)`` agree; ties at the k-th rank go to
+the lower vocabulary id), and the k on-support gradients are scattered over the row after the
+kernel.
 """
 
 from typing import Optional
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .row_divergence import TOPK, launch_rows
+from .topk import topk_support
 
 
 def _rows_ready(x: Tensor) -> Tensor:
@@ -33,7 +35,7 @@ def logits_terms(student_logits: Tensor, teacher_logits: Tensor, target_ids: Opt
     grad = torch.empty_like(s) if compute_grad else None
     ids = on_support = None
     if mode == TOPK:
-        ids = (t if topk_from_teacher else s).topk(topk, 1, sorted=False).indices
+        ids = topk_support(t if topk_from_teacher else s, topk)
         if compute_grad:
             on_support = torch.empty(n, topk, dtype=torch.float32, device=device)
     launch_rows(s, t, grad, loss, stats,

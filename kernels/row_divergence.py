@@ -10,7 +10,9 @@ walks the vocabulary in ``BLOCK_V`` tiles:
 * pass 2 (generalised JSD only): the mixture needs both final log-normalisers, so the
   divergence and the row sum of the slope take one more pass;
 * gradient pass (``COMPUTE_GRAD``): writes ``d(coef * token_loss) / d logits`` for the row into
-  ``G`` (which may alias ``S``: each element is read before the same program overwrites it).
+  ``G`` (which may alias ``S``: each element of the gradient pass is loaded and stored by the
+  same thread, and the one entry read across threads, the target logit, is read before pass 1,
+  so before any barrier after which other warps could already be storing).
 
 Top-k mode receives the support ids (chosen by ``torch.topk`` outside the kernel: selection is
 a sort, which this kernel does not need to redo), gathers the k support logits per side into
@@ -29,14 +31,18 @@ otherwise cancel |logits|-sized terms (logits of 1e4 are tested):
   differences.
 """
 
+import contextlib
 import math
 
+import torch
 import triton
 import triton.language as tl
 
 SAMPLED, FULL, TOPK = 0, 1, 2
 FORWARD_KL, REVERSE_KL, MIXTURE = 0, 1, 2
-NEG_BIG = -1e30  # finite start for running maxima: exp(-inf - NEG_BIG) is 0, never NaN
+# finite start for running maxima: exp(-inf - NEG_BIG) is 0, never NaN. A constexpr: Triton's
+# code generator rejects plain Python globals inside @triton.jit (the interpreter accepts them)
+NEG_BIG = tl.constexpr(-1e30)
 
 
 @triton.jit
@@ -51,9 +57,11 @@ def _load_logits(row_ptr, bias_ptr, offs, mask, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _plogratio(lp, lq):
     """p * (log p - log q), 0 where p = 0 (guarded with where, never by multiplication); a NaN
-    log p stays NaN."""
+    log p stays NaN. q = 0 where p > 0 gives +inf even when exp(log p) underflows in float32
+    (0 * inf would be NaN; the float64 definition has p > 0 there)."""
     present = lp != float("-inf")
-    return tl.where(present, tl.exp(lp) * (lp - lq), 0.0)
+    q_zero = (lq == float("-inf")) & (lp == lp)
+    return tl.where(present, tl.where(q_zero, float("inf"), tl.exp(lp) * (lp - lq)), 0.0)
 
 
 @triton.jit
@@ -116,6 +124,12 @@ def hsd_rows_kernel(
     zq_s = tl.full([], 0.0, tl.float32)
     zq_t = tl.full([], 0.0, tl.float32)
     n_tied = tl.full([], 0, tl.int32)
+    if HAS_TARGET:
+        # read the target logits before any reduction: G may alias S, and once this program's
+        # last barrier is passed its other warps store gradient tiles (entry y included)
+        y = tl.load(TGT + row)
+        x_s_y = _load_logits(s_row, BS, y, y >= 0, HAS_BIAS)
+        x_t_y = _load_logits(t_row, BT, y, y >= 0, HAS_BIAS)
     if MODE == 2:
         k_lanes = tl.arange(0, BLOCK_K)
         k_in = k_lanes < K
@@ -148,11 +162,16 @@ def hsd_rows_kernel(
                 # argmax) must not become one, or inf - inf turns the infinite KL into NaN
                 new_shift = tl.where((tile_max_s > m_s) & (tl.abs(tile_shift) < float("inf")),
                                      tile_shift, shift)
-                terms = tl.where(s != NEG_INF, e_s * (gap - new_shift), 0.0)
+                # t = -inf under s > -inf: the term is +inf even where e_s underflows to 0
+                terms = tl.where(s != NEG_INF,
+                                 tl.where(t == NEG_INF, float("inf"), e_s * (gap - new_shift)),
+                                 0.0)
                 kl_acc = (kl_acc + z_s * (shift - new_shift)) * r_s + tl.sum(terms, 0)
                 shift = new_shift
             elif ALPHA_KIND == 0:
-                gap = tl.where(t > NEG_INF, e_t * ((t - s) * inv_temp), 0.0)
+                gap = tl.where(t > NEG_INF,
+                               tl.where(s == NEG_INF, float("inf"), e_t * ((t - s) * inv_temp)),
+                               0.0)
                 kl_acc = kl_acc * r_t + tl.sum(gap, 0)
         if MODE == 2:
             if TAIL:
@@ -175,9 +194,8 @@ def hsd_rows_kernel(
     lz_t = tl.log(z_t)
 
     if HAS_TARGET:
-        y = tl.load(TGT + row)
-        lp_s_y = (_load_logits(s_row, BS, y, y >= 0, HAS_BIAS) - m_s) * inv_temp - lz_s
-        lp_t_y = (_load_logits(t_row, BT, y, y >= 0, HAS_BIAS) - m_t) * inv_temp - lz_t
+        lp_s_y = (x_s_y - m_s) * inv_temp - lz_s
+        lp_t_y = (x_t_y - m_t) * inv_temp - lz_t
     else:
         y = -1
         lp_s_y = tl.full([], 0.0, tl.float32)
@@ -338,11 +356,41 @@ def _interpreting(device) -> bool:
     return device.type == "cpu"
 
 
+def kernel_variant(mode, alpha, tail=False, topk_from_teacher=False, has_bias=False,
+                   has_target=True, has_advantage=False, signal_clip=0.0, kl_clip=0.0,
+                   compute_grad=True, vocab=1 << 17, k=1, interpret=False, block_v=None) -> dict:
+    """The compile-time parameters :func:`launch_rows` gives :func:`hsd_rows_kernel`.
+
+    Flags a mode does not read are normalised (sampled mode has no alpha, tail or KL clip;
+    only top-k ranks), so the dispatch compiles no duplicate variants; the ahead-of-time
+    compile test enumerates the variants through this function. Returns the constexprs plus
+    ``num_warps``.
+    """
+    if block_v is None:
+        # GPU: 4096-wide tiles give 8 bf16 (16 bytes) per thread at 16 warps; interpreter: small
+        block_v = 128 if interpret else 4096
+    block_v = min(block_v, triton.next_power_of_2(vocab))
+    sampled, topk = mode == SAMPLED, mode == TOPK
+    if sampled:
+        alpha_kind = REVERSE_KL
+    else:
+        alpha_kind = FORWARD_KL if alpha == 0.0 else REVERSE_KL if alpha == 1.0 else MIXTURE
+    return dict(
+        MODE=mode, ALPHA_KIND=alpha_kind, TAIL=bool(tail) and topk,
+        RANK_TEACHER=bool(topk_from_teacher) and topk, HAS_BIAS=bool(has_bias),
+        HAS_TARGET=bool(has_target), HAS_ADV=bool(has_advantage) and sampled,
+        CLIP_SIGNAL=sampled and not has_advantage and signal_clip > 0,
+        CLIP_KL=not sampled and kl_clip > 0, COMPUTE_GRAD=bool(compute_grad),
+        BLOCK_V=block_v, BLOCK_K=triton.next_power_of_2(k) if topk else 1,
+        num_warps=4 if interpret else max(4, min(16, block_v // 256)),
+    )
+
+
 def launch_rows(student, teacher, grad, loss, stats, target_ids, coef, advantage, ids, on_support,
                 mode, alpha, temperature, tail, signal_clip, kl_clip, compute_grad,
                 topk_from_teacher=False, student_bias=None, teacher_bias=None, block_v=None):
     """Run :func:`hsd_rows_kernel` over the rows of ``student`` / ``teacher`` ([n, V], unit stride
-    along V).
+    along V) on their device (the current stream of that device).
 
     ``grad`` ([n, V], may be ``student`` itself) receives grad_logits when ``compute_grad``;
     top-k mode also needs ``ids`` [n, k] and writes ``on_support`` [n, k] (float32). The optional
@@ -351,31 +399,32 @@ def launch_rows(student, teacher, grad, loss, stats, target_ids, coef, advantage
     n, vocab = student.shape
     if n == 0:
         return
-    interpret = _interpreting(student.device)
-    if block_v is None:
-        # GPU: 4096-wide tiles give 8 bf16 (16 bytes) per thread at 16 warps; interpreter: small
-        block_v = 128 if interpret else 4096
-    block_v = min(block_v, triton.next_power_of_2(vocab))
-    num_warps = 4 if interpret else max(4, min(16, block_v // 256))
     k = ids.shape[1] if ids is not None else 1
-    alpha_kind = FORWARD_KL if alpha == 0.0 else REVERSE_KL if alpha == 1.0 else MIXTURE
+    has_bias = student_bias is not None
+    variant = kernel_variant(mode, alpha, tail, topk_from_teacher, has_bias,
+                             target_ids is not None, advantage is not None, signal_clip, kl_clip,
+                             compute_grad, vocab, k, _interpreting(student.device), block_v)
+    alpha_kind = variant["ALPHA_KIND"]
     log_ws = math.log1p(-alpha) if alpha_kind == MIXTURE else 0.0
     log_wt = math.log(alpha) if alpha_kind == MIXTURE else 0.0
     dummy = loss  # stands in for absent pointers; never dereferenced (constexpr-guarded)
     g = grad if grad is not None else student
-    has_bias = student_bias is not None
-    hsd_rows_kernel[(n,)](
-        student, teacher, student_bias if has_bias else dummy,
-        teacher_bias if has_bias else dummy, g, loss, stats,
-        target_ids if target_ids is not None else dummy, coef,
-        advantage if advantage is not None else dummy,
-        ids if ids is not None else dummy, on_support if on_support is not None else dummy,
-        vocab, k, student.stride(0), teacher.stride(0), g.stride(0),
-        1.0 / temperature, float(alpha), log_ws, log_wt, float(signal_clip), float(kl_clip),
-        MODE=mode, ALPHA_KIND=alpha_kind, TAIL=bool(tail),
-        RANK_TEACHER=bool(topk_from_teacher), HAS_BIAS=has_bias,
-        HAS_TARGET=target_ids is not None,
-        HAS_ADV=advantage is not None, CLIP_SIGNAL=signal_clip > 0, CLIP_KL=kl_clip > 0,
-        COMPUTE_GRAD=bool(compute_grad), BLOCK_V=block_v,
-        BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps,
-    )
+    with device_guard(student):
+        hsd_rows_kernel[(n,)](
+            student, teacher, student_bias if has_bias else dummy,
+            teacher_bias if has_bias else dummy, g, loss, stats,
+            target_ids if target_ids is not None else dummy, coef,
+            advantage if advantage is not None else dummy,
+            ids if ids is not None else dummy, on_support if on_support is not None else dummy,
+            vocab, k, student.stride(0), teacher.stride(0), g.stride(0),
+            1.0 / temperature, float(alpha), log_ws, log_wt, float(signal_clip), float(kl_clip),
+            **variant,
+        )
+
+
+def device_guard(tensor):
+    """Make ``tensor``'s GPU the current device (Triton launches on the current device and its
+    current stream; model-parallel callers hold tensors on another GPU). A no-op off CUDA."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()

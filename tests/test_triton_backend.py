@@ -338,6 +338,51 @@ def test_topk_tail_with_ties_at_the_kth_logit(alpha, from_teacher):
         assert_close(b.cpu(), a.cpu(), 1e-6)
 
 
+def test_topk_support_tie_rule(monkeypatch):
+    """The support ids are the first k of a stable descending sort (lower ids win ties at the
+    k-th rank), in row blocks too; -inf entries tie like any other value."""
+    topk = triton_backend.kernels().topk
+    monkeypatch.setattr(topk, "KEY_ELEMENTS", 3 * 40)  # three rows per block
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-2, 3, (10, 40), generator=g).float()
+    x[3, ::3] = float("-inf")
+    x[4] = 0.0  # every entry tied
+    for k in (1, 5, 17, 39, 40):
+        want = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+        got = topk.topk_support(x, k)
+        assert torch.equal(got.sort(1).values, want.sort(1).values), k
+
+
+@pytest.mark.parametrize("tail", [True, False])
+@pytest.mark.parametrize("from_teacher", [False, True])
+def test_topk_many_ties_at_the_kth_rank(from_teacher, tail):
+    """Logits from a small integer set: the k-th ranked value is shared by many entries, and
+    which of them are in the support changes the loss and gradients (contract tie rule)."""
+    g = torch.Generator().manual_seed(12)
+    s = torch.randint(-3, 2, (5, V), generator=g).float()
+    t = torch.randint(-3, 2, (5, V), generator=g).float()
+    s[:, ::7] += 0.5  # the other side differs across tied ids
+    t[:, 1::5] -= 0.25
+    y = torch.randint(0, V, (5,), generator=g)
+    coef = torch.rand(5, generator=g) + 0.1
+    spec = spec_of("topk", alpha=0.5, topk=9, topk_from_teacher=from_teacher, tail=tail)
+    ref = reference.logits(s.double(), t.double(), y, coef.double(), None, spec, True)
+    got = triton_backend.logits(s.to(DEVICE), t.to(DEVICE), y.to(DEVICE), coef.to(DEVICE),
+                                None, spec, True)
+    for name, a, r in zip(("token_loss", "stats", "grad_logits"), got, ref):
+        assert_close(a.cpu(), r, 1e-5, what=name)
+    # the fused form ranks the chunk's float32 logits the same way: a head whose logits are
+    # exactly these integers (one-hot hidden rows, the logits as the weight's columns)
+    n = 5
+    x = dict(h=torch.eye(n, dtype=torch.float32).to(DEVICE), ht=torch.eye(n).to(DEVICE),
+             w=s.t().contiguous().to(DEVICE), b=None, tw=t.t().contiguous().to(DEVICE), tb=None,
+             y=y.to(DEVICE), coef=coef.to(DEVICE), adv=None)
+    got_f = run_fused(triton_backend, x, spec)
+    assert_close(got_f[0].cpu(), ref[0], 1e-5, what="fused token_loss")
+    assert_close(got_f[3].cpu(), ref[2].t() @ torch.eye(n, dtype=torch.float64), 1e-5,
+                 what="fused grad_weight")
+
+
 @pytest.mark.parametrize("kl_clip", [0.0, 0.5])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_teacher_masks_the_student_argmax(alpha, kl_clip):
@@ -361,6 +406,34 @@ def test_teacher_masks_the_student_argmax(alpha, kl_clip):
     assert torch.equal(got[2].cpu().isnan().any(1), spec_grad.isnan().any(1))
     finite = torch.isfinite(spec_grad).all(1)
     assert_close(got[2].cpu()[finite], spec_grad[finite], 1e-5, what="grad_logits")
+
+
+@pytest.mark.parametrize("kl_clip", [0.0, 3.0])
+@pytest.mark.parametrize("case", ["full-a1", "full-a0", "topk-notail-a1"])
+def test_underflow_against_minus_inf_is_inf(case, kl_clip):
+    """p > 0 = q with p below float32's range (log p = -200): the term is +inf as in float64
+    (kl_clip caps the token, with no gradient), not 0 * inf = NaN."""
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, V, generator=g), torch.randn(3, V, generator=g)
+    s[0, 7], t[0, 7] = -200.0, float("-inf")  # the student's side underflows (reverse KL)
+    t[1, 250], s[1, 250] = -200.0, float("-inf")  # the teacher's, in a later tile (forward KL)
+    alpha = 0.0 if case.endswith("a0") else 1.0
+    spec = spec_of("topk", alpha=alpha, topk=V, tail=False, kl_clip=kl_clip) \
+        if case.startswith("topk") else spec_of("full", alpha=alpha, kl_clip=kl_clip)
+    coef = torch.ones(3)
+    ref = reference.logits(s.double(), t.double(), None, coef.double(), None, spec, False)
+    got = triton_backend.logits(s.to(DEVICE), t.to(DEVICE), None, coef.to(DEVICE), None, spec,
+                                True)
+    inf_row = 0 if alpha == 1.0 else 1
+    assert ref[1][inf_row, 3] == float("inf")
+    assert_close(got[0].cpu(), ref[0], 1e-5, what="token_loss")
+    assert_close(got[1].cpu(), ref[1], 1e-5, what="stats")
+    if kl_clip:
+        assert torch.equal(got[2].cpu()[inf_row], torch.zeros(V))
+    ok = [r for r in range(3) if r != inf_row]
+    spec_grad = reference.logits(s.double()[ok], t.double()[ok], None, coef.double()[ok], None,
+                                 spec, True)[2]
+    assert_close(got[2].cpu()[ok], spec_grad, 1e-5, what="grad_logits")
 
 
 def test_advantage_override():
