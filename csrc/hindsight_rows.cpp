@@ -277,13 +277,14 @@ void full_grad(const RowContext<T>& c, double alpha, const T* scratch, double sl
   }
 }
 
-// s[i] = p_s[i] * value for the whole row (the off-support part of the top-k gradient).
+// s[i] = exp((s[i] - ms) / T - lz) * value for the whole row: p_s * value with lz = the row's
+// log-partition (the sampled gradient), p_s / P_tail * value with lz + log P_tail (top-k).
 template <typename T>
-void scaled_probs(const RowContext<T>& c, double value) {
+void scaled_probs(const RowContext<T>& c, T lz, double value) {
   T* __restrict s = c.s;
   const T v = static_cast<T>(value);
 #pragma omp simd
-  for (int64_t i = 0; i < c.vocab; ++i) s[i] = exp_vec(lp_of(s[i], c.ms, c.inv_temp, c.lzs)) * v;
+  for (int64_t i = 0; i < c.vocab; ++i) s[i] = exp_vec(lp_of(s[i], c.ms, c.inv_temp, lz)) * v;
 }
 
 // ---- top-k ------------------------------------------------------------------------------
@@ -524,10 +525,16 @@ double topk_row(const RowSpec& spec, RowContext<T>& c, TopkScratch<T>& ws, bool 
   }
   const double f = coef_factor;
   if (spec.tail) {
-    // off-support entries move the tail bucket: p_l / P_tail of it, (1 - P_tail) net
-    const double per_tail = tail_s > 0.0 ? slope_tail / tail_s : 0.0;
-    const double off = -slope_sup + (1.0 - tail_s) * per_tail;
-    scaled_probs(c, off * f);
+    // Off-support entries move the tail bucket: p_l / P_tail of it, (1 - P_tail) net, so
+    // grad_l = p_l (-sum slope_sup) + p_l / P_tail (1 - P_tail) slope_tail. Written with the
+    // share p_l / P_tail <= 1, which stays in float range where p_l itself underflows (a peaked
+    // row whose tail still carries the other side's mass).
+    if (lp[k] > -kInf) {
+      const double share = -slope_sup * tail_s + (1.0 - tail_s) * slope_tail;
+      scaled_probs(c, static_cast<T>(c.dlzs + lp[k]), share * f);
+    } else {  // an empty tail (or k = V): p_l = 0 off the support
+      fill(c.s, n, T(0));
+    }
     for (int64_t j = 0; j < k; ++j) {
       const int32_t id = ws.cand[j].id;
       c.s[id] = static_cast<T>((slope[j] - std::exp(lp[j]) * (slope_sup + slope_tail)) * f);
@@ -592,7 +599,7 @@ inline void rows_impl(const RowSpec& spec, const RowBlock<T>& b, int64_t begin, 
       div = -adv;
       if (want_grad) {  // d(-a log p_y)/ds = a (p - onehot_y)
         const double scale = coef * a * inv_temp_d;
-        scaled_probs(c, scale);
+        scaled_probs(c, c.lzs, scale);
         c.s[y] -= static_cast<T>(scale);
       }
     } else if (spec.mode == kFull) {
