@@ -287,10 +287,7 @@ def test_torch_compile_fullgraph():
 
     args = op_args()
     inputs = (args[0], args[1], args[2], args[3], args[6], args[7])
-    try:
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-        got = compiled(*inputs)
-    except RuntimeError as err:  # no usable compiler toolchain in this environment
-        pytest.skip(f"torch.compile unavailable: {err}")
+    # aot_eager needs no compiler toolchain: a failure is the op's, never a skip
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*inputs)
     for a, e in zip(got, step(*inputs)):
         assert rel_err(a, e) <= 1e-6

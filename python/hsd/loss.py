@@ -94,7 +94,11 @@ def _prepare_targets(target_ids, n, vocab_size, device, ignore_index):
 
 
 def _segments(seq_ids, n, device):
-    """Dense sequence index per token (0..S-1) and the number of sequences S."""
+    """Dense sequence index per token (0..S-1, in the order of the ids) and a bound on S.
+
+    No data-dependent shapes (``torch.unique`` would break a ``torch.compile`` graph): the
+    per-sequence buffers get ``n`` slots, of which the first S are used.
+    """
     if seq_ids is None:
         return torch.zeros(n, dtype=torch.long, device=device), 1
     _check_tensor("seq_ids", seq_ids, 1, device)
@@ -102,8 +106,12 @@ def _segments(seq_ids, n, device):
         raise ValueError(f"seq_ids has {seq_ids.shape[0]} entries for {n} tokens")
     if seq_ids.is_floating_point():
         raise TypeError(f"seq_ids must be an integer tensor, got {seq_ids.dtype}")
-    uniq, dense = torch.unique(seq_ids, return_inverse=True)
-    return dense, uniq.numel()
+    order = torch.argsort(seq_ids, stable=True)
+    ordered = seq_ids[order]
+    starts = torch.ones(n, dtype=torch.long, device=device)
+    starts[1:] = (ordered[1:] != ordered[:-1]).long()
+    dense = torch.empty_like(starts).scatter_(0, order, starts.cumsum(0) - 1)
+    return dense, max(n, 1)
 
 
 def _token_weights(n, device, acc_dtype, weights, ignored, dense, num_seqs, ignore_first_k):
@@ -143,9 +151,9 @@ def _reduction_coef(w, dense, num_seqs, reduction, num_items):
     return w  # "sum" and "none"
 
 
-def _centred_advantage(run, coef, dense, num_seqs, signal_clip):
-    """Per-sequence mean-centred (then clipped) A_t, from a statistics-only backend pass."""
-    _, stats, *_ = run(coef, None, NO_GRAD)
+def _centred_advantage(stats, coef, dense, num_seqs, signal_clip):
+    """Per-sequence mean-centred (then clipped) A_t from a pass's statistics (a constant: the
+    mean is a stop-gradient statistic)."""
     adv = stats[:, 2]
     valid = (coef != 0).to(adv.dtype)
     zeros = torch.zeros(num_seqs, dtype=adv.dtype, device=adv.device)
@@ -158,29 +166,38 @@ def _centred_advantage(run, coef, dense, num_seqs, signal_clip):
 # ----------------------------------------------------------------------------------------------
 # Autograd: backends return the gradient of sum_i coef_i * token_loss_i with the forward
 # ----------------------------------------------------------------------------------------------
-def _grad_needs(flags) -> GradNeeds:
-    """GradNeeds from autograd's flags for (hidden or logits, weight, bias), missing ones False."""
-    flags = tuple(bool(f) for f in flags)
+def _grad_needs(*inputs) -> GradNeeds:
+    """Which gradients autograd will ask for, of (hidden or logits, weight, bias): an input that
+    requires grad, under grad mode (a frozen head or ``torch.no_grad()`` asks for less)."""
+    if not torch.is_grad_enabled():
+        return NO_GRAD
+    flags = tuple(t is not None and t.requires_grad for t in inputs)
     return GradNeeds(*(flags + (False,) * (3 - len(flags))))
+
+
+_NO_DOUBLE_BACKWARD = (
+    "hsd's loss has no second derivative: its backward returns precomputed first-order "
+    "gradients, so backward(create_graph=True) / autograd.grad(create_graph=True) through it "
+    "would silently drop the second-order term. Differentiate the loss once (create_graph=False)"
+    ", or use hsd.hindsight_loss with backend='reference' on materialised logits.")
 
 
 class _HindsightFunction(torch.autograd.Function):
     """Calls ``run(coef, advantage, needs)``; differentiable inputs are ``diff_inputs``.
 
-    For a scalar loss the backend returns the gradients with the forward; they are kept on ctx
-    (not saved tensors) and scaled in place, so autograd adopts them as ``.grad`` without a copy
-    (the [V, H] weight gradient is the largest buffer of the whole loss).
+    ``needs`` (decided by the caller: requires_grad under grad mode) says which gradients the
+    backend computes. For a scalar loss the backend returns them with the forward; they are kept
+    on ctx (not saved tensors) and scaled in place, so autograd adopts them as ``.grad`` without
+    a copy (the [V, H] weight gradient is the largest buffer of the whole loss).
     """
 
     @staticmethod
-    def forward(ctx, run, per_token, coef, advantage, *diff_inputs):
-        needs = _grad_needs(ctx.needs_input_grad[4:])
-        needs_grad = needs.any
+    def forward(ctx, run, needs, per_token, coef, advantage, *diff_inputs):
         token_loss, stats, *grads = run(coef, advantage, NO_GRAD if per_token else needs)
         weighted = torch.where(coef != 0, coef * token_loss, torch.zeros_like(token_loss))
         out = weighted if per_token else weighted.sum()
-        ctx.run, ctx.per_token = run, per_token
-        ctx.grads = None if per_token or not needs_grad else grads
+        ctx.run, ctx.needs, ctx.per_token = run, needs, per_token
+        ctx.grads = None if per_token else grads
         ctx.dtypes = [t.dtype for t in diff_inputs]
         ctx.save_for_backward(coef, advantage)
         ctx.mark_non_differentiable(stats)
@@ -188,26 +205,59 @@ class _HindsightFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
         coef, advantage = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
         if grads is None:  # per-token loss, or a second backward: recompute with coef = g
             weights = coef * (grad_out if ctx.per_token else grad_out.expand_as(coef)).to(coef.dtype)
-            _, _, *grads = ctx.run(weights, advantage, _grad_needs(ctx.needs_input_grad[4:]))
+            _, _, *grads = ctx.run(weights, advantage, ctx.needs)
         else:
             grads = [g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in grads]
-        result = [None, None, None, None]
-        for g, needed, dtype in zip(grads, ctx.needs_input_grad[4:], ctx.dtypes):
+        result = [None] * 5
+        for g, needed, dtype in zip(grads, ctx.needs, ctx.dtypes):
             result.append(g.to(dtype) if needed and g is not None else None)
         return tuple(result)
 
 
-def _finish(out, stats, weights_used, return_stats, reduction, dtype):
-    out = out.to(dtype) if reduction != "none" else out
+def _apply(run, needs, reduction, coef, advantage, diff_inputs):
+    """The weighted loss (scalar, or per token for reduction='none') and the statistics."""
+    per_token = reduction == "none"
+    if not needs.any:  # a pure forward: no autograd node, no gradient work
+        token_loss, stats, *_ = run(coef, advantage, NO_GRAD)
+        weighted = torch.where(coef != 0, coef * token_loss, torch.zeros_like(token_loss))
+        return (weighted if per_token else weighted.sum()), stats
+    return _HindsightFunction.apply(run, needs, per_token, coef, advantage, *diff_inputs)
+
+
+def _finish(out, stats, coef, return_stats, dtype):
+    """The loss in the input dtype (every reduction, 'none' included) and the stats dict."""
+    out = out.to(dtype)
     if not return_stats:
         return out
+    mask = coef != 0
+    # masked tokens are skipped by the kernels: their statistics are 0, never computed
+    stats = torch.where(mask[:, None], stats, torch.zeros_like(stats))
     info = {name: stats[:, i] for i, name in enumerate(STAT_NAMES)}
-    info["mask"] = weights_used != 0
+    info["mask"] = mask
     return out, info
+
+
+def _valid_rows(coef):
+    """Indices of the tokens with a non-zero coefficient, or None to run on every row (all are
+    valid, or compiling: compaction has a data-dependent shape). One host sync."""
+    if torch.compiler.is_compiling():
+        return None
+    rows = torch.nonzero(coef).squeeze(1)
+    # none masked, or all (every backend handles zero-coefficient rows; not every one 0 rows)
+    return None if rows.numel() in (0, coef.numel()) else rows
+
+
+def _scatter_rows(x, rows, n):
+    """Rows of a compacted result back at their token positions (zeros elsewhere)."""
+    if rows is None or x is None:
+        return x
+    return x.new_zeros((n,) + tuple(x.shape[1:])).index_copy_(0, rows, x)
 
 
 def _check_finite(**tensors):
@@ -241,8 +291,14 @@ _DOC_OPTIONS = """
         return_stats: also return a dict of detached per-token ``student_logp``,
             ``teacher_logp``, ``advantage`` (raw A_t), ``divergence`` and ``mask``.
         check_inputs: raise on NaN inputs (one device sync); by default NaN gives a NaN loss.
-        backend: force a backend (else ``HSD_BACKEND`` or the fastest available).
+        backend: force a backend (else ``HSD_BACKEND`` or the fastest available; resolved when
+            a ``torch.compile`` graph is traced).
     The teacher side never receives a gradient, even when it shares the student's weight.
+    Only the gradients autograd will ask for are computed: none under ``torch.no_grad()`` or
+    ``torch.inference_mode()``, no [V, H] weight gradient for a frozen head. The loss has the
+    dtype of the student input for every reduction ("none" included; computed in float32, or
+    float64 for float64 inputs); the stats are float32 (float64) and 0 for masked tokens. The
+    loss has no second derivative: backward(create_graph=True) through it raises.
 """
 
 
@@ -266,21 +322,26 @@ def hindsight_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     n, vocab = student_logits.shape
     if check_inputs:
         _check_finite(student_logits=student_logits, teacher_logits=teacher_logits)
-    spec, targets, coef, dense, num_seqs, w = _common(
+    spec, targets, coef, dense, num_seqs = _common(
         n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support, tail, temperature,
         weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items, ignore_index)
     impl = select_backend(device, backend)
     teacher_logits = teacher_logits.detach()
+    needs = _grad_needs(student_logits)
 
+    # no row compaction here: gathering the valid rows would copy [N', V] logits, about what the
+    # row kernels cost; they skip the gradient of a masked row already
     def run(c, advantage, needs):
-        token_loss, stats, grad = impl.logits(student_logits, teacher_logits, targets, c,
-                                              advantage, spec, needs.hidden)
-        return token_loss, stats, grad
+        return impl.logits(student_logits, teacher_logits, targets, c, advantage, spec,
+                           needs.hidden)
 
-    advantage = _centred_advantage(run, coef, dense, num_seqs, spec.signal_clip) \
-        if center and spec.mode == SAMPLED else None
-    out, stats = _HindsightFunction.apply(run, reduction == "none", coef, advantage, student_logits)
-    return _finish(out, stats, w, return_stats, reduction, dtype)
+    advantage = None
+    if center and spec.mode == SAMPLED:
+        with torch.no_grad():
+            _, stats, _ = run(coef, None, NO_GRAD)
+        advantage = _centred_advantage(stats, coef, dense, num_seqs, spec.signal_clip)
+    out, stats = _apply(run, needs, reduction, coef, advantage, (student_logits,))
+    return _finish(out, stats, coef, return_stats, dtype)
 
 
 def _common(n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support, tail, temperature,
@@ -292,6 +353,10 @@ def _common(n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support
         raise ValueError("num_items is only meaningful with reduction='token_mean'")
     if int(ignore_first_k) < 0:
         raise ValueError(f"ignore_first_k must be >= 0, got {ignore_first_k}")
+    if isinstance(weights, torch.Tensor) and weights.requires_grad and torch.is_grad_enabled():
+        raise ValueError("weights requires grad, but the loss is not differentiated with respect "
+                         "to the token weights (they would get no gradient); pass "
+                         "weights.detach()")
     spec = _spec_from_kwargs(mode, alpha, topk, topk_support, tail, temperature, signal_clip,
                              kl_clip, vocab, target_ids is not None)
     targets, ignored = _prepare_targets(target_ids, n, vocab, device, ignore_index)
@@ -299,7 +364,7 @@ def _common(n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     w = _token_weights(n, device, acc_dtype, weights, ignored, dense, num_seqs, int(ignore_first_k))
     coef = _reduction_coef(w, dense, num_seqs, reduction, num_items)
-    return spec, targets, coef, dense, num_seqs, w
+    return spec, targets, coef, dense, num_seqs
 
 
 def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
@@ -346,25 +411,48 @@ def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
     if check_inputs:
         _check_finite(student_hidden=student_hidden, teacher_hidden=teacher_hidden, weight=weight,
                       bias=bias, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
-    spec, targets, coef, dense, num_seqs, w = _common(
+    spec, targets, coef, dense, num_seqs = _common(
         n, vocab, device, dtype, target_ids, mode, alpha, topk, topk_support, tail, temperature,
         weights, seq_ids, ignore_first_k, signal_clip, kl_clip, reduction, num_items, ignore_index)
     impl = select_backend(device, backend)
-    teacher_hidden = teacher_hidden.detach()
+    needs = _grad_needs(student_hidden, weight, bias)
     # the teacher shares the student's head unless given its own (weight, and bias with it)
     t_weight = (weight if teacher_weight is None else teacher_weight).detach()
     t_bias = teacher_bias if teacher_bias is not None else (bias if teacher_weight is None else None)
     t_bias = t_bias.detach() if t_bias is not None else None
+    # masked tokens cost nothing: the backend sees the valid rows only (not while compiling)
+    rows = _valid_rows(coef)
+    pick = (lambda x: x if rows is None or x is None else x[rows])
+    h, th, y = pick(student_hidden.detach()), pick(teacher_hidden.detach()), pick(targets)
 
-    def run(c, advantage, needs):
-        return impl.fused(student_hidden, teacher_hidden, weight, bias, t_weight, t_bias, targets,
-                          c, advantage, spec, needs)
+    def run(c, advantage, needs, student_only=False):
+        if student_only:
+            # the advantage is given, so the teacher's logits only feed statistics already
+            # known: both sides get the student's inputs, which backends run as one GEMM
+            teacher = (h, weight.detach(), None if bias is None else bias.detach())
+        else:
+            teacher = (th, t_weight, t_bias)
+        loss, stats, grad_h, grad_w, grad_b = impl.fused(
+            h, teacher[0], weight, bias, teacher[1], teacher[2], y, pick(c), pick(advantage),
+            spec, needs)
+        return (_scatter_rows(loss, rows, n), _scatter_rows(stats, rows, n),
+                _scatter_rows(grad_h, rows, n), grad_w, grad_b)
 
-    advantage = _centred_advantage(run, coef, dense, num_seqs, spec.signal_clip) \
-        if center and spec.mode == SAMPLED else None
+    run_main, advantage = run, None
+    if center and spec.mode == SAMPLED:
+        # the per-sequence mean of A_t is a stop-gradient statistic: a forward-only pass gives
+        # it (and the statistics), then one pass with the centred advantage gives the rest
+        with torch.no_grad():
+            _, centred_stats, *_ = run(coef, None, NO_GRAD)
+        advantage = _centred_advantage(centred_stats, coef, dense, num_seqs, spec.signal_clip)
+
+        def run_main(c, advantage, needs):
+            loss, _, *grads = run(c, advantage, needs, student_only=True)
+            return (loss, centred_stats, *grads)
+
     diff_inputs = (student_hidden, weight) if bias is None else (student_hidden, weight, bias)
-    out, stats = _HindsightFunction.apply(run, reduction == "none", coef, advantage, *diff_inputs)
-    return _finish(out, stats, w, return_stats, reduction, dtype)
+    out, stats = _apply(run_main, needs, reduction, coef, advantage, diff_inputs)
+    return _finish(out, stats, coef, return_stats, dtype)
 
 
 hindsight_loss.__doc__ += _DOC_OPTIONS

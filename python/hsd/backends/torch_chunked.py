@@ -138,9 +138,11 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
 def same_head(weight, bias, teacher_weight, teacher_bias) -> bool:
     """Whether the teacher's head is the student's (same storage): load / convert it once."""
     def same(a, b):
-        return (a is None and b is None) or (a is not None and b is not None
-                                             and a.data_ptr() == b.data_ptr()
-                                             and a.shape == b.shape and a.stride() == b.stride())
+        if a is None or b is None or a is b:
+            return a is b
+        if torch.compiler.is_compiling():  # data pointers cannot be traced: treat as distinct
+            return False
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
     return same(weight, teacher_weight) and same(bias, teacher_bias)
 
 
