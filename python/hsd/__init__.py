@@ -34,6 +34,8 @@ from .loss import (  # noqa: E402
     hindsight_loss,
     reference_token_terms,
 )
+from .forward import EMATeacher, HiddenStates, hindsight_hidden_states  # noqa: E402
+from .step import StepOutput, hindsight_step  # noqa: E402
 
 __all__ = [
     "Conversation",
@@ -56,4 +58,9 @@ __all__ = [
     "hindsight_loss",
     "reference_token_terms",
     "select_backend",
+    "EMATeacher",
+    "HiddenStates",
+    "StepOutput",
+    "hindsight_hidden_states",
+    "hindsight_step",
 ]
