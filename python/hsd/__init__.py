@@ -11,6 +11,7 @@ logger.addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
+from ._extension import ExtensionWarning  # noqa: E402
 from .backends import available_backends, select_backend  # noqa: E402
 from .data import (  # noqa: E402
     Conversation,
@@ -41,6 +42,7 @@ __all__ = [
     "Conversation",
     "ConversationExample",
     "DataReport",
+    "ExtensionWarning",
     "FilterConfig",
     "HindsightCollator",
     "HindsightTemplate",

@@ -1,15 +1,20 @@
 """Loading the compiled operator library ``hsd._C`` (the ``torch.ops.hsd`` operators).
 
-The extension is optional: when it is missing (a pure-Python install) or was built against
-another torch release, :func:`load` logs one warning on the ``"hsd"`` logger and returns False,
-and :mod:`hsd.backends` falls back to the portable backends. On success it also registers the
-Python halves of the operators (fake kernels for ``torch.compile`` and the autograd formulas).
+The extension is optional: when it is missing (a pure-Python install, e.g. from an isolated
+``pip install .``) or was built against another torch release, :func:`load` returns False and
+:mod:`hsd.backends` falls back to the portable backends. That is never silent: the first use
+issues one :class:`ExtensionWarning` (a ``UserWarning``, shown by default) saying why and how to
+build it; ``hsd info`` reports the same. On success :func:`load` also registers the Python halves
+of the operators (fake kernels for ``torch.compile`` and the autograd formulas).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
+import warnings
 from typing import Optional
 
 import torch
@@ -18,6 +23,18 @@ logger = logging.getLogger("hsd")
 
 _loaded: Optional[bool] = None
 _reason = ""
+_fix = ""
+
+_BUILD = ("pip install scikit-build-core cmake ninja, then from the hsd source "
+          "pip install --no-build-isolation --no-deps --force-reinstall . "
+          "(HSD_STRICT_BUILD=1 makes a failing compile an error instead of this fallback)")
+
+
+class ExtensionWarning(UserWarning):
+    """hsd's compiled extension is missing or unusable, so the slower portable backends run.
+
+    Silence it with ``warnings.filterwarnings("ignore", category=hsd.ExtensionWarning)``, or
+    choose a backend explicitly (``HSD_BACKEND=torch``)."""
 
 
 def _release(version: str) -> str:
@@ -33,30 +50,47 @@ def build_info():
         return None
 
 
-def _try_load() -> str:
-    """Imports ``hsd._C``; returns '' on success, else why not."""
+def _try_load() -> tuple[str, str]:
+    """Imports ``hsd._C``; returns ('', '') on success, else (why not, how to fix it)."""
     info = build_info()
     if info is None:
-        return "hsd was installed without its compiled extension (hsd._C)"
+        return ("hsd was installed without its compiled extension (hsd._C), e.g. by an isolated "
+                "`pip install .` that cannot see torch",
+                f"build it against the installed torch: {_BUILD}")
     if _release(info.TORCH_VERSION) != _release(torch.__version__):
         return (f"hsd._C was built against torch {info.TORCH_VERSION} but torch "
-                f"{torch.__version__} is running; rebuild hsd (pip install --no-build-isolation .)")
+                f"{torch.__version__} is running",
+                f"rebuild hsd against this torch: {_BUILD}")
     try:
         importlib.import_module("hsd._C")
     except (ImportError, OSError) as err:
-        return f"hsd._C failed to load: {err}"
+        return f"hsd._C failed to load: {err}", f"rebuild hsd: {_BUILD}"
     _register_python_parts()
-    return ""
+    return "", ""
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel for the first frame outside hsd (the user's call), so the
+    warning points at their line rather than at hsd's internals."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1  # the caller of this function: warn's stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def load() -> bool:
-    """True when ``torch.ops.hsd`` is usable; warns once (logger ``hsd``) when it is not."""
-    global _loaded, _reason
+    """True when ``torch.ops.hsd`` is usable; the first call without it warns once
+    (:class:`ExtensionWarning`, naming the fix) and logs the details on the ``hsd`` logger."""
+    global _loaded, _reason, _fix
     if _loaded is None:
-        _reason = _try_load()
+        _reason, _fix = _try_load()
         _loaded = not _reason
         if _reason:
-            logger.warning("%s; using the portable PyTorch backends instead.", _reason)
+            logger.debug("hsd._C unavailable: %s (fix: %s)", _reason, _fix)
+            warnings.warn(f"{_reason}; hsd runs its slower portable PyTorch backend instead. To fix: "
+                          f"{_fix}. `hsd info` shows the build and every backend.",
+                          ExtensionWarning, stacklevel=_caller_stacklevel())
     return _loaded
 
 
@@ -64,6 +98,12 @@ def unavailable_reason() -> str:
     """Why the extension is not loaded ('' when it is)."""
     load()
     return _reason
+
+
+def unavailable_fix() -> str:
+    """How to get the extension when it is not loaded ('' when it is)."""
+    load()
+    return _fix
 
 
 def cuda_kernels_linked() -> bool:

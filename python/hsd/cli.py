@@ -244,8 +244,10 @@ def add_data_commands(subparsers) -> None:
 
 # ---- entry point --------------------------------------------------------------------------
 
+from .info import add_info_commands  # noqa: E402  (hsd info)
+
 #: Functions that add one command family to the ``hsd`` parser.
-COMMAND_FAMILIES = [add_data_commands]
+COMMAND_FAMILIES = [add_data_commands, add_info_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
