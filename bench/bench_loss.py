@@ -12,6 +12,12 @@ eager. Prints a table and writes JSON.
 
     python bench/bench_loss.py                         # N=4096 H=1024 V=151936 fp32 full alpha=1
     python bench/bench_loss.py --n 256 --v 32000 --mode sampled --repeats 5
+
+``--scenarios`` runs the "no wasted work" rows instead, each against eager doing the same thing,
+all interleaved in one process: a trainable sampled step, a frozen LM head, a no-grad forward,
+75% of the tokens masked, ``center=True``, top-k k=64 and full alpha=0.5:
+
+    python bench/bench_loss.py --scenarios --n 1024 --h 512 --v 65536 --impl eager hsd-cpu
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------- implementations
-def eager_loss(hs, ht, w, y, mode, alpha, topk):
+def eager_loss(hs, ht, w, y, mode, alpha, topk, weights=None, center=False):
     """What a trainer without hsd does: full logits on both sides, then the divergence."""
     s = (hs @ w.T).float()
     with torch.no_grad():
@@ -79,7 +85,12 @@ def eager_loss(hs, ht, w, y, mode, alpha, topk):
     if mode == "sampled":
         lp_s_y = lp_s.gather(1, y[:, None])[:, 0]
         adv = lp_t.gather(1, y[:, None])[:, 0] - lp_s_y.detach()
-        return (-adv * lp_s_y).mean()
+        if weights is None:
+            return (-(adv - adv.mean() if center else adv) * lp_s_y).mean()
+        valid = weights != 0
+        if center:
+            adv = adv - (adv * valid).sum() / valid.sum().clamp_min(1)
+        return (-adv * lp_s_y * weights).sum() / weights.sum()
     if mode == "full" and alpha == 1.0:
         return F.kl_div(lp_t, lp_s, reduction="none", log_target=True).sum(-1).mean()
     if mode == "full" and alpha == 0.0:
@@ -114,7 +125,8 @@ def run_once(fn, hs, w, device):
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss = fn()
-        loss.backward()
+        if loss.requires_grad:
+            loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -145,6 +157,97 @@ def _safe_supports(device, name):
         return False
 
 
+# ---------------------------------------------------------------- the "no wasted work" rows
+# name -> (options of both implementations, what differs in the step)
+SCENARIOS = {
+    "trainable": dict(mode="sampled"),
+    "frozen-head": dict(mode="sampled", frozen_head=True),
+    "no-grad": dict(mode="sampled", no_grad=True),
+    "masked-75%": dict(mode="sampled", masked=0.75),
+    "center": dict(mode="sampled", center=True),
+    "topk-64": dict(mode="topk", topk=64, alpha=1.0),
+    "full-a0.5": dict(mode="full", alpha=0.5),
+}
+# what each scenario's hsd time is held against (issue 7's targets)
+TARGETS = {"frozen-head": ("trainable", 0.7), "no-grad": ("trainable", 0.7),
+           "masked-75%": ("trainable", 0.4), "center": ("trainable", 1.1),
+           "topk-64": ("eager", 0.8), "full-a0.5": ("eager", 0.8)}
+
+
+def scenario_runner(kind, scenario, hs, ht, w, w_frozen, y, weights):
+    """A step of ``kind`` (eager or hsd-<backend>) for one scenario; returns a loss."""
+    sc = SCENARIOS[scenario]
+    head = w_frozen if sc.get("frozen_head") else w
+    mask = weights if sc.get("masked") else None
+    mode, alpha, topk = sc["mode"], sc.get("alpha", 1.0), sc.get("topk")
+    if kind == "eager":
+        def step():
+            return eager_loss(hs, ht, head, y, mode, alpha, topk, weights=mask,
+                              center=sc.get("center", False))
+    else:
+        backend = "torch" if kind == "chunked" else kind.removeprefix("hsd-")
+
+        def step():
+            return hsd.fused_hindsight_loss(hs, ht, head, y, mode=mode, alpha=alpha, topk=topk,
+                                            weights=mask, center=sc.get("center", False),
+                                            reduction="token_mean", backend=backend)
+    if sc.get("no_grad"):
+        def no_grad_step():
+            with torch.no_grad():
+                return step()
+        return no_grad_step
+    return step
+
+
+def run_scenarios(args, hs, ht, w, y, device):
+    kinds = args.impl or ["eager", "hsd-cpu" if device.type == "cpu" else "hsd-triton"]
+    names = args.only or list(SCENARIOS)
+    w_frozen = w.detach()
+    weights = (torch.rand(args.n, device=device) >= 0.75).float()  # 75% of the tokens masked
+    runners = {(sc, k): scenario_runner(k, sc, hs, ht, w, w_frozen, y, weights)
+               for sc in names for k in kinds}
+    print(f"hsd bench (scenarios): N={args.n} H={args.h} V={args.v} {args.dtype} device={device} "
+          f"threads={torch.get_num_threads()} ({platform.processor() or platform.machine()})",
+          flush=True)
+    if device.type == "cuda":
+        for fn in runners.values():
+            run_once(fn, hs, w, device)
+    results = {key: {"times": [], "peaks": []} for key in runners}
+    for rep in range(args.repeats):
+        for (sc, k), fn in runners.items():
+            t, m, value = run_once(fn, hs, w, device)
+            results[(sc, k)]["times"].append(t)
+            results[(sc, k)]["peaks"].append(m)
+            print(f"  rep {rep} {sc:12s} {k:9s} {t:8.3f} s  extra peak {m / 2**20:8.1f} MiB  "
+                  f"loss {value:.6g}", flush=True)
+    med = {key: statistics.median(r["times"]) for key, r in results.items()}
+    peak = {key: max(r["peaks"]) for key, r in results.items()}
+    rows = []
+    print(f"\n| scenario | impl | median s | × eager | × trainable | extra peak MiB | mem / eager "
+          f"| target |\n|---|---|---|---|---|---|---|---|")
+    for (sc, k) in runners:
+        row = {"scenario": sc, "impl": k, "median_s": med[(sc, k)],
+               "peak_extra_mib": peak[(sc, k)] / 2**20, "times": results[(sc, k)]["times"]}
+        if (sc, "eager") in med:
+            row["time_vs_eager"] = med[(sc, k)] / med[(sc, "eager")]
+            row["mem_vs_eager"] = peak[(sc, k)] / max(peak[(sc, "eager")], 1)
+        if ("trainable", k) in med:
+            row["time_vs_trainable"] = med[(sc, k)] / med[("trainable", k)]
+        target = ""
+        if k != "eager" and sc in TARGETS:
+            against, limit = TARGETS[sc]
+            ratio = row.get("time_vs_eager" if against == "eager" else "time_vs_trainable")
+            if ratio is not None:
+                row["target"] = f"<= {limit} x {against}"
+                row["target_met"] = ratio <= limit
+                target = f"{'met' if ratio <= limit else 'MISSED'} (<= {limit}× {against})"
+        rows.append(row)
+        print(f"| {sc} | {k} | {row['median_s']:.3f} | {row.get('time_vs_eager', float('nan')):.3f} "
+              f"| {row.get('time_vs_trainable', float('nan')):.3f} | {row['peak_extra_mib']:.1f} "
+              f"| {row.get('mem_vs_eager', float('nan')):.4f} | {target} |")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4096, help="tokens")
@@ -158,6 +261,9 @@ def main(argv=None):
     p.add_argument("--impl", nargs="*", help="subset of implementations to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default="bench/results/bench_loss.json")
+    p.add_argument("--scenarios", action="store_true",
+                   help="the no-wasted-work rows (frozen head, no-grad, masked, center, topk, JSD)")
+    p.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="subset of --scenarios")
     args = p.parse_args(argv)
     if args.mode == "topk" and args.topk is None:
         args.topk = 64
@@ -168,6 +274,10 @@ def main(argv=None):
     ht = (hs.detach() + 0.1 * torch.randn_like(hs)).to(dtype)
     w = (torch.randn(args.v, args.h, device=device) / args.h ** 0.25).to(dtype).requires_grad_()
     y = torch.randint(0, args.v, (args.n,), device=device)
+    if args.scenarios:
+        rows = run_scenarios(args, hs, ht, w, y, device)
+        _write(args, rows)
+        return rows
 
     kinds = args.impl or implementations(device, args.mode, args.alpha)
     runners = {k: make_runner(k, hs, ht, w, y, args) for k in kinds}
@@ -200,13 +310,17 @@ def main(argv=None):
     for row in rows:
         print(f"{row['impl']:12s} {row['median_s']:9.3f} {row.get('time_vs_eager', float('nan')):8.3f} "
               f"{row['peak_extra_mib']:10.1f} {row.get('mem_vs_eager', float('nan')):9.4f}")
+    _write(args, rows)
+    return rows
+
+
+def _write(args, rows):
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(args), "python": sys.version.split()[0],
                                "torch": torch.__version__, "machine": platform.machine(),
                                "cpu_count": os.cpu_count(), "results": rows}, indent=2))
     print(f"wrote {out}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -440,15 +440,28 @@ def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
 
     run_main, advantage = run, None
     if center and spec.mode == SAMPLED:
-        # the per-sequence mean of A_t is a stop-gradient statistic: a forward-only pass gives
-        # it (and the statistics), then one pass with the centred advantage gives the rest
+        # The per-sequence mean of A_t is a stop-gradient statistic, known only once every row
+        # has been through the forward. grad_hidden's rows are linear in the advantage: a first
+        # pass with a_t = 1 gives them and the statistics, scaled per row once the centred a_t is
+        # known. grad_weight sums over rows, so it takes a second pass (the student's logits
+        # again, no teacher GEMM); a frozen head (the LoRA case) takes none.
         with torch.no_grad():
-            _, centred_stats, *_ = run(coef, None, NO_GRAD)
+            unit_loss, centred_stats, unit_grad_h, _, _ = run(
+                coef, torch.ones_like(coef), GradNeeds(needs.hidden, False, False))
         advantage = _centred_advantage(centred_stats, coef, dense, num_seqs, spec.signal_clip)
 
         def run_main(c, advantage, needs):
-            loss, _, *grads = run(c, advantage, needs, student_only=True)
-            return (loss, centred_stats, *grads)
+            grad_h = grad_w = grad_b = None
+            if needs.hidden:
+                # c = coef in the forward; coef * incoming gradient in a per-token backward
+                scale = torch.where(coef != 0, c / torch.where(coef != 0, coef, 1.0), 0.0)
+                grad_h = (unit_grad_h.to(scale.dtype) * (scale * advantage)[:, None]).to(
+                    unit_grad_h.dtype)
+            if needs.weight or needs.bias:
+                _, _, _, grad_w, grad_b = run(c, advantage, GradNeeds(False, needs.weight,
+                                                                      needs.bias),
+                                              student_only=True)
+            return advantage * unit_loss, centred_stats, grad_h, grad_w, grad_b
 
     diff_inputs = (student_hidden, weight) if bias is None else (student_hidden, weight, bias)
     out, stats = _apply(run_main, needs, reduction, coef, advantage, diff_inputs)
