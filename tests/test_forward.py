@@ -333,3 +333,44 @@ def test_student_tree_mask_rule():
     assert row1[4] == [1, 1, 1, 1, 1, 0, 0] and row1[6] == [1, 0, 0, 0, 0, 0, 0]  # padding: key 0 only
     windowed = student_tree_allowed(TreeBatch.from_batch(batch), sliding_window=2)[0].int().tolist()
     assert windowed[5] == [0, 0, 1, 0, 0, 1, 0]  # position 3 sees positions 2..3
+
+
+# ---- Qwen3-style templates: student branches in one tree-masked pass --------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_tok():
+    return tiny_chat_tokenizer("qwen3")
+
+
+def qwen3_examples(tuples, tok, layout, max_length=None):
+    kwargs = {"enable_thinking": False}
+    if layout == "tuple":
+        cfg = LayoutConfig(history_messages=None, chat_template_kwargs=kwargs)
+        return [e for t in tuples if (e := tokenize_tuple(t, tok, "offline", cfg)) is not None]
+    cfg = LayoutConfig(history_messages=None, max_length=max_length, chat_template_kwargs=kwargs)
+    return [e for g in group_by_conversation(tuples) for e in tokenize_conversation(g, tok, "offline", cfg)]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2_sliding"])
+@pytest.mark.parametrize("strategy", ["masked", "loop"])
+def test_student_branches_match_per_tuple_forwards(qwen3_tok, tuples, arch, strategy):
+    examples = qwen3_examples(tuples, qwen3_tok, "packed")
+    assert sum(len(e.student_branches) for e in examples) > 0, "the Qwen3-style template must give branches"
+    batch = HindsightCollator.from_tokenizer(qwen3_tok)(examples)
+    model = make_model(arch, len(qwen3_tok))
+    check_step_matches_naive(model, batch, examples, "packed", 1e-9, step_kwargs={"strategy": strategy},
+                             mode="sampled")
+    # the branched student contexts are the per-tuple layout's student sequences
+    per_tuple = qwen3_examples(tuples, qwen3_tok, "tuple")
+    contexts = [s for s, *_ in naive_sequences(examples, "packed")]
+    assert contexts == [e.student_ids for e in per_tuple]
+
+
+def test_student_branches_with_windows_and_checkpointing(qwen3_tok, tuples):
+    examples = qwen3_examples(tuples, qwen3_tok, "packed", max_length=200)
+    batch = HindsightCollator.from_tokenizer(qwen3_tok)(examples)
+    model = make_model("qwen3", len(qwen3_tok))
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()
+    check_step_matches_naive(model, batch, examples, "packed", 1e-9, mode="topk", topk=8)
