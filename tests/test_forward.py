@@ -374,3 +374,38 @@ def test_student_branches_with_windows_and_checkpointing(qwen3_tok, tuples):
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     check_step_matches_naive(model, batch, examples, "packed", 1e-9, mode="topk", topk=8)
+
+
+# ---- FlexAttention: the same rule as a BlockMask -----------------------------------------------
+
+
+def test_block_mask_encodes_the_same_rule(tok, tuples):
+    """CPU sibling of the GPU test below: the BlockMask's mask_mod is the dense rule, and blocks
+    the rule fully masks are absent from it (FlexAttention skips them)."""
+    from hsd.forward import _block_mask, _teacher_rows, teacher_branch_allowed
+
+    tb = TreeBatch.from_batch(HindsightCollator.from_tokenizer(tok)(examples_for(tuples, tok, "packed")))
+    rows = _teacher_rows(tb)
+    allowed = teacher_branch_allowed(rows, tb.input_ids.shape[1])
+    mask = _block_mask(allowed)
+    b, q, k = (torch.arange(n) for n in allowed.shape)
+    dense = mask.mask_mod(b[:, None, None], torch.zeros(()), q[None, :, None], k[None, None, :])
+    assert torch.equal(dense, allowed)
+    size = mask.BLOCK_SIZE
+    kept = mask.to_dense()[:, 0].bool()  # [B, q blocks, kv blocks]
+    padded = torch.zeros((allowed.shape[0], kept.shape[1] * size[0], kept.shape[2] * size[1]), dtype=torch.bool)
+    padded[:, : allowed.shape[1], : allowed.shape[2]] = allowed
+    any_allowed = padded.reshape(allowed.shape[0], kept.shape[1], size[0], kept.shape[2], size[1]).any(4).any(2)
+    assert torch.equal(kept, any_allowed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention runs on CUDA (CPU: no backward, and "
+                    "this torch's CPU inductor template fails to compile it); its rule is tested above")
+def test_flex_attention_step_matches_sdpa(tok, tuples):
+    examples = examples_for(tuples, tok, "packed")
+    batch = HindsightCollator.from_tokenizer(tok)(examples)
+    flex = make_model("llama", len(tok), "flex_attention", dtype=torch.float32).cuda()
+    sdpa = make_model("llama", len(tok), "sdpa", dtype=torch.float32).cuda()
+    a = hindsight_hidden_states(flex, batch, strategy="masked")
+    b = hindsight_hidden_states(sdpa, batch, strategy="masked")
+    assert rel(a.teacher, b.teacher) <= 1e-4 and rel(a.student.detach(), b.student.detach()) <= 1e-4

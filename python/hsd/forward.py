@@ -358,6 +358,8 @@ class _ModelView:
         """The model's mask argument from ``allowed_fn(sliding_window) -> [B, Q, K]`` bool."""
 
         def fmt(allowed):
+            if self.attn == "flex_attention":
+                return _block_mask(allowed)
             allowed = allowed[:, None]
             if self.attn == "sdpa":
                 return allowed
@@ -382,6 +384,18 @@ class _ModelView:
         # read by key: the deprecated attribute name would warn on newer transformers
         cache = next((out[key] for key in ("cache", "past_key_values") if key in out.keys()), None)
         return out.last_hidden_state, cache
+
+
+def _block_mask(allowed: torch.Tensor):
+    """A FlexAttention BlockMask of the same rule: fully masked blocks are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, q_len, kv_len = allowed.shape
+
+    def mask_mod(b, h, q, k):
+        return allowed[b, q, k]
+
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=allowed.device)
 
 
 def _detached_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -440,12 +454,13 @@ def _choose_strategy(view: _ModelView, requested: str, needs_reuse: bool) -> str
                    "running a full teacher forward per tuple instead")
         return "full"
     flash = view.attn.startswith("flash") or view.attn.startswith("paged")
+    # sdpa and eager take a dense 4D mask, flex_attention a BlockMask built from the same rule
     if requested == "masked" and flash:
         raise ValueError(f"strategy='masked' needs an explicit 4D mask, which {view.attn} cannot take; "
                          "use 'loop' or 'auto'")
     if requested != "auto":
         return requested
-    if flash or view.attn not in ("sdpa", "eager"):
+    if flash or view.attn not in ("sdpa", "eager", "flex_attention"):
         return "loop"
     return "masked"
 
