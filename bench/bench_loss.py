@@ -223,8 +223,8 @@ def run_scenarios(args, hs, ht, w, y, device):
     med = {key: statistics.median(r["times"]) for key, r in results.items()}
     peak = {key: max(r["peaks"]) for key, r in results.items()}
     rows = []
-    print(f"\n| scenario | impl | median s | × eager | × trainable | extra peak MiB | mem / eager "
-          f"| target |\n|---|---|---|---|---|---|---|---|")
+    print("\n| scenario | impl | median s | × eager | × trainable | extra peak MiB "
+          "| mem / eager | target |\n|---|---|---|---|---|---|---|---|")
     for (sc, k) in runners:
         row = {"scenario": sc, "impl": k, "median_s": med[(sc, k)],
                "peak_extra_mib": peak[(sc, k)] / 2**20, "times": results[(sc, k)]["times"]}
@@ -242,9 +242,10 @@ def run_scenarios(args, hs, ht, w, y, device):
                 row["target_met"] = ratio <= limit
                 target = f"{'met' if ratio <= limit else 'MISSED'} (<= {limit}× {against})"
         rows.append(row)
-        print(f"| {sc} | {k} | {row['median_s']:.3f} | {row.get('time_vs_eager', float('nan')):.3f} "
-              f"| {row.get('time_vs_trainable', float('nan')):.3f} | {row['peak_extra_mib']:.1f} "
-              f"| {row.get('mem_vs_eager', float('nan')):.4f} | {target} |")
+        nan = float("nan")
+        print(f"| {sc} | {k} | {row['median_s']:.3f} | {row.get('time_vs_eager', nan):.3f} "
+              f"| {row.get('time_vs_trainable', nan):.3f} | {row['peak_extra_mib']:.1f} "
+              f"| {row.get('mem_vs_eager', nan):.4f} | {target} |")
     return rows
 
 

@@ -117,6 +117,9 @@ def fused_inputs(n=12, hidden=8, vocab=53, dtype=torch.float64, bias=True):
     return h, th, w, b, y
 
 
+GRADLESS = [torch.no_grad, torch.inference_mode]
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Records every ``fused`` call of a backend: (needs, rows, teacher_hidden is student's)."""
@@ -127,8 +130,8 @@ def spy(monkeypatch):
         real = mod.fused
 
         def fused(h, th, w, b, tw, tb, y, coef, adv, spec, needs):
-            calls.append(dict(needs=needs, rows=h.shape[0], same_input=th.data_ptr() == h.data_ptr(),
-                              coef=coef.clone(), advantage=adv))
+            calls.append(dict(needs=needs, rows=h.shape[0], coef=coef.clone(), advantage=adv,
+                              same_input=th.data_ptr() == h.data_ptr()))
             return real(h, th, w, b, tw, tb, y, coef, adv, spec, needs)
 
         monkeypatch.setattr(mod, "fused", fused)
@@ -164,7 +167,7 @@ def test_frozen_hidden_asks_for_head_gradients_only(backend, spy):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference"])
+@pytest.mark.parametrize("context", GRADLESS, ids=["no_grad", "inference"])
 def test_no_grad_forward_computes_no_gradient(backend, context, spy):
     calls = spy(backend)
     h, th, w, b, y = fused_inputs()
@@ -178,7 +181,7 @@ def test_no_grad_forward_computes_no_gradient(backend, context, spy):
     assert rel_err(loss, expected) <= 1e-10
 
 
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference"])
+@pytest.mark.parametrize("context", GRADLESS, ids=["no_grad", "inference"])
 def test_reference_logits_form_runs_without_autograd(context):
     s, t = torch.randn(5, 11, requires_grad=True), torch.randn(5, 11)
     y = torch.randint(0, 11, (5,))
@@ -375,3 +378,21 @@ def test_compiled_training_step_has_no_graph_break(backend, options):
     assert rel_err(got[0], expected[0]) <= 1e-6
     for g, e in zip(got[1], expected[1]):
         assert rel_err(g, e) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_logits_form_has_no_graph_break(backend):
+    s, t = torch.randn(9, 23, requires_grad=True), torch.randn(9, 23)
+    y, seq = torch.randint(0, 23, (9,)), torch.tensor([4, 4, 4, 1, 1, 1, 1, 0, 0])
+
+    def step(s, t):
+        return hsd.hindsight_loss(s, t, y, seq_ids=seq, ignore_first_k=1, center=True,
+                                  backend=backend, return_stats=True)
+
+    expected, expected_stats = step(s, t)
+    (expected_grad,) = torch.autograd.grad(expected, s)
+    torch._dynamo.reset()
+    got, stats = torch.compile(step, fullgraph=True, backend="aot_eager")(s, t)
+    (grad,) = torch.autograd.grad(got, s)
+    assert rel_err(got, expected) <= 1e-6 and rel_err(grad, expected_grad) <= 1e-5
+    assert torch.equal(stats["mask"], expected_stats["mask"])

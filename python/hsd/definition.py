@@ -40,7 +40,8 @@ def _plogratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.where(finite, value, limit)
 
 
-def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
+def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+               alpha: float) -> torch.Tensor:
     """Per-row divergence between two log-probability tensors (last dimension), TRL convention:
     alpha=0 KL(teacher || student), alpha=1 KL(student || teacher), in between the generalised
     JSD with the mixture m = (1 - alpha) p_s + alpha p_t."""
