@@ -30,9 +30,10 @@ Every mask comes from two functions, :func:`student_tree_allowed` and
 Teacher kinds: ``"live"`` (the current weights: reuses the student's own keys and values, as
 the paper), ``"base"`` (a peft adapter disabled) and ``"ema"`` (a shadow model, see
 :class:`EMATeacher`). The last two compute the teacher prefix once per row with the teacher's
-weights and share it between all its branches. With gradient checkpointing (which turns the
-cache off) the live teacher's prefix is recomputed once per row without grad: one extra
-forward unit per prefix token, against three for the student.
+weights and share it between all its branches (one no-grad forward unit per prefix token).
+Gradient checkpointing turns transformers' cache off; the student's keys and values are then
+recorded by an attention function wrapping the model's own (registered through
+``AttentionInterface`` for the student forward only), so reuse costs nothing extra there either.
 """
 
 from __future__ import annotations
@@ -465,21 +466,69 @@ def _choose_strategy(view: _ModelView, requested: str, needs_reuse: bool) -> str
     return "masked"
 
 
-def _student_mask(view: _ModelView, tb: TreeBatch):
-    if tb.has_student_branches or view.mask_kind != "full":
+def _student_mask(view: _ModelView, tb: TreeBatch, own: bool = False):
+    if own or tb.has_student_branches or view.mask_kind != "full":
         # our own mask for trees and for sliding layers (transformers' eager sliding mask turns
         # right-padded rows into NaN)
         return view.format_mask(lambda w: student_tree_allowed(tb, w))
     return tb.attention_mask  # plain right-padded causal rows: the model's own (fast) mask
 
 
+# Gradient checkpointing drops the cache (a replayed layer would update it twice), so the
+# student's keys/values are recorded by an attention function wrapping the model's own: it
+# stores each layer's (post-RoPE, pre-GQA-repeat) keys/values once, during the forward only.
+_CAPTURE_NAME = "hsd_capture"
+_capture: dict = {"store": None, "inner": None}
+
+
+def _capturing_attention(module, query, key, value, attention_mask, **kwargs):
+    store, inner = _capture["store"], _capture["inner"]
+    if store is not None and module.layer_idx not in store:
+        store[module.layer_idx] = (key.detach(), value.detach())
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner == "eager" or inner not in ALL_ATTENTION_FUNCTIONS:
+        # the model's own eager function (some add soft-capping or sinks to it)
+        fn = inspect.getmodule(type(module)).eager_attention_forward
+    else:
+        fn = ALL_ATTENTION_FUNCTIONS[inner]
+    return fn(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register_capture() -> None:
+    from transformers import AttentionInterface
+
+    if _CAPTURE_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_CAPTURE_NAME, _capturing_attention)
+
+
+def _student_pass_capturing(view: _ModelView, tb: TreeBatch):
+    """The student pass under gradient checkpointing, recording its keys/values as it goes."""
+    _register_capture()
+    config, store = view.decoder.config, {}
+    original = config._attn_implementation
+    mask = _student_mask(view, tb, own=True)  # a ready 4D mask: no mask function is looked up by name
+    _capture.update(store=store, inner=original)
+    config._attn_implementation = _CAPTURE_NAME
+    try:
+        hidden, _ = view.run(tb.input_ids, tb.position_ids, mask)
+    finally:
+        config._attn_implementation = original
+        _capture.update(store=None, inner=None)
+    if len(store) != len(view.decoder.layers):
+        raise RuntimeError(f"recorded keys/values of {len(store)} of {len(view.decoder.layers)} layers; this model's "
+                           "attention does not go through transformers' AttentionInterface")
+    return hidden, [store[i] for i in sorted(store)]
+
+
 def _student_pass(view: _ModelView, tb: TreeBatch, keep_cache: bool):
     """Student hidden states [B, L, H] (with grad) and, when asked, its detached keys/values."""
+    if keep_cache and view.gradient_checkpointing:
+        return _student_pass_capturing(view, tb)
     mask = _student_mask(view, tb)
-    use_cache = keep_cache and not view.gradient_checkpointing
     hidden, cache = view.run(tb.input_ids, tb.position_ids, mask,
-                             cache=view.new_cache() if use_cache else None, use_cache=use_cache)
-    return hidden, (_detached_layers(cache) if use_cache else None)
+                             cache=view.new_cache() if keep_cache else None, use_cache=keep_cache)
+    return hidden, (_detached_layers(cache) if keep_cache else None)
 
 
 @torch.no_grad()
@@ -586,7 +635,7 @@ def hindsight_hidden_states(
     teacher_view = _ModelView(teacher_model) if teacher_model is not None else view
     chosen = _choose_strategy(teacher_view if teacher != "live" else view, strategy, needs_reuse=True)
 
-    reuse_student = teacher == "live" and chosen != "full" and not view.gradient_checkpointing
+    reuse_student = teacher == "live" and chosen != "full"
     student_hidden, layers = _student_pass(view, tb, keep_cache=reuse_student)
     student = student_hidden[tb.scored_batch_index, tb.student_scored_positions]
 
@@ -598,7 +647,7 @@ def hindsight_hidden_states(
             saved = 0
         else:
             prefill_tokens = 0
-            if layers is None:  # ema/base teacher, or gradient checkpointing: a no-grad prefix pass
+            if layers is None:  # ema/base teacher: its own prefix, once per row, without grad
                 layers, prefill_tokens = _prefill(teacher_view, tb)
             run = _teacher_masked if chosen == "masked" else _teacher_loop
             teacher_hidden = run(teacher_view, tb, layers)
