@@ -271,17 +271,28 @@ def test_base_teacher_with_peft_adapter(tok, tuples):
 # ---- fallbacks and errors ---------------------------------------------------------------------
 
 
-def test_dropout_falls_back_to_a_full_teacher_with_a_warning(tok, tuples, caplog):
+@pytest.mark.parametrize("why", ["dropout", "recurrent"])
+def test_no_reusable_prefix_falls_back_to_a_full_teacher_with_a_warning(tok, tuples, caplog, monkeypatch, why):
+    import hsd.forward
+
+    monkeypatch.setattr(hsd.forward, "_warned", set())
     examples = examples_for(tuples, tok, "packed")
     batch = HindsightCollator.from_tokenizer(tok)(examples)
     model = make_model("llama", len(tok))
-    model.config.attention_dropout = 0.1
-    model.train()
+    if why == "dropout":
+        model.config.attention_dropout = 0.1
+        model.train()
+    else:  # a hybrid model: one layer keeps a recurrent state, not keys/values per position
+        model.config.layer_types = ["full_attention", "linear_attention"]
     with caplog.at_level(logging.WARNING, logger="hsd"):
-        hs = hindsight_hidden_states(model, batch)
-    assert hs.counts["teacher_strategy"] == "full"
-    assert hs.counts["teacher_tokens_saved"] == 0
-    assert "dropout" in caplog.text or hs.counts["teacher_strategy"] == "full"
+        hs = hindsight_hidden_states(model, batch, strategy="masked")
+        hindsight_hidden_states(model, batch, strategy="masked")
+    assert hs.counts["teacher_strategy"] == "full" and hs.counts["teacher_tokens_saved"] == 0
+    assert caplog.text.count("full teacher forward") == 1
+    assert ("dropout" if why == "dropout" else "reusable") in caplog.text
+    if why == "recurrent":  # the full teacher is still the right one
+        model.config.layer_types = None
+        assert rel(hs.teacher, hindsight_hidden_states(model, batch).teacher) <= 1e-9
 
 
 def test_bad_arguments(tok, tuples):
