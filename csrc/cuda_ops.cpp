@@ -1,5 +1,8 @@
-// CUDA implementation of hsd::hindsight_from_logits: checks, the top-k ids (torch.topk), and the
-// launch of csrc/cuda/hindsight_rows.cu on the current stream. Only ATen / c10 core headers: the
+// CUDA implementation of hsd::hindsight_from_logits: checks, the top-k ids (the contract's tie
+// rule), and the launch of csrc/cuda/hindsight_rows.cu on the tensors' device and its current
+// stream. No host synchronisation: the target-id range is checked once per loss call by
+// hsd.loss (the kernel turns an out-of-range id into a NaN row, never an out-of-bounds read), so
+// the per-chunk calls of the fused path stay asynchronous and CUDA-graph capturable. Only ATen / c10 core headers: the
 // stream comes through c10's device-generic interface, so this file also compiles against a
 // CPU-only torch (the build compiles it there as a check).
 #include <ATen/ATen.h>
@@ -7,11 +10,43 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cuda/hindsight_cuda.h"
 #include "hindsight_ops.h"
 
 namespace hsd {
 namespace {
+
+// Top-k support ids [n, k] with the contract's tie rule: the first k entries of a stable
+// descending sort, so among entries equal to the k-th largest the lowest ids are in the support.
+// Mirrors kernels/topk.py (tested there on CPU): at::topk gives the k-th value and every entry
+// above it; the slots left go to the lowest tied ids, through a second top-k on an int32 key
+// (V - id on the tied entries, 0 elsewhere), row block by row block to bound its memory.
+at::Tensor topk_support(const at::Tensor& ranked, int64_t k) {
+  const int64_t n = ranked.size(0), vocab = ranked.size(1);
+  auto [values, ids] = at::topk(ranked, k, /*dim=*/1, /*largest=*/true, /*sorted=*/true);
+  if (k >= vocab || n == 0) return ids.contiguous();
+  const at::Tensor kth = values.narrow(1, k - 1, 1);
+  const at::Tensor n_above = values.gt(kth).sum(1, /*keepdim=*/true);
+  const at::Tensor slot = at::arange(k, ids.options()).unsqueeze(0);
+  const at::Tensor from_tied = (slot - n_above).clamp_min(0);
+  const at::Tensor key_by_id = at::arange(vocab, 0, -1, ranked.options().dtype(at::kInt));
+  const at::Tensor zero = at::zeros({}, key_by_id.options());
+  const int64_t step = std::max<int64_t>(1, (int64_t{1} << 24) / vocab);
+  for (int64_t start = 0; start < n; start += step) {
+    const int64_t len = std::min(step, n - start);
+    const at::Tensor key = at::where(ranked.narrow(0, start, len).eq(kth.narrow(0, start, len)),
+                                     key_by_id, zero);
+    auto [key_vals, tied_ids] = at::topk(key, k, 1, true, true);
+    const at::Tensor pick_at = from_tied.narrow(0, start, len);
+    const at::Tensor ok = key_vals.gather(1, pick_at).gt(0) &
+                          slot.ge(n_above.narrow(0, start, len));
+    at::Tensor rows = ids.narrow(0, start, len);
+    rows.copy_(at::where(ok, tied_ids.gather(1, pick_at), rows));
+  }
+  return ids.contiguous();
+}
 
 int input_type(at::ScalarType dtype) {
   switch (dtype) {
@@ -33,7 +68,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_cuda(
     const c10::optional<at::Tensor>& advantage, int64_t mode, double alpha, double temperature,
     int64_t topk, bool topk_from_teacher, bool tail, double signal_clip, double kl_clip,
     bool compute_grad) {
-  check_logits_inputs(student_logits, teacher_logits, target_ids, coef, advantage);
+  // shapes here; the range of the target ids is hsd.loss's check (one sync per call)
+  check_logits_inputs(student_logits, teacher_logits, c10::nullopt, coef, advantage);
+  if (target_ids.has_value()) {
+    TORCH_CHECK(target_ids->dim() == 1 && target_ids->size(0) == student_logits.size(0) &&
+                    target_ids->scalar_type() == at::kLong,
+                "hsd: target_ids must be int64 [N] with N = ", student_logits.size(0));
+  }
   TORCH_CHECK(teacher_logits.scalar_type() == student_logits.scalar_type(),
               "hsd: student and teacher logits must share a dtype");
   const int type = input_type(student_logits.scalar_type());
@@ -53,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_cuda(
   const at::Tensor target = target_ids.has_value() ? target_ids->contiguous() : at::Tensor();
   at::Tensor support;
   if (spec.mode == kTopk) {
-    support = std::get<1>(at::topk(topk_from_teacher ? t : s, topk, -1, true, false)).contiguous();
+    support = topk_support(topk_from_teacher ? t : s, topk);
   }
   cuda::LogitsArgs args;
   args.rows = n;

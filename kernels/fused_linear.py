@@ -15,7 +15,10 @@ Per chunk of ``rows`` tokens (a memory budget, :data:`CHUNK_ELEMENTS` logits per
    ranks float32 biased logits that are bit-identical to the kernel's (it compares each
    entry against the k-th ranked logit to sum the tail mass);
 3. grad_hidden = grad_logits @ W and grad_W += grad_logits^T @ h on the tensor cores, grad_W
-   accumulated in float32 straight from bf16 operands (``out_dtype``), grad_b += column sums.
+   accumulated in place in float32 straight from bf16 operands (``out_dtype``), grad_b += column
+   sums. Only the gradients asked for are computed (``grad_hidden`` / ``grad_weight`` /
+   ``grad_bias``): a frozen head skips the [V, H] buffer and its GEMM, and a call that needs no
+   gradient runs the statistics-only kernel variant and no backward GEMM at all.
 
 Why GEMMs in cuBLAS and not in the Triton kernel: the four GEMMs are 8 T H V FLOPs and
 dominate (43 ms at T=8192, H=4096, V=128256 on an H100 at 800 TFLOP/s), and cuBLAS runs them at
@@ -31,21 +34,21 @@ gradients (a logit of 10 is rounded by 0.03). ``HSD_TRITON_LOGITS=half`` (or
 softmax passes (bf16: ~16-22 bytes per logit in all instead of ~26-38) for that accuracy.
 """
 
+import logging
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .row_divergence import TOPK, launch_rows
+from .row_divergence import TOPK, device_guard, launch_rows
 from .topk import topk_support
+
+logger = logging.getLogger("hsd")
 
 # logits per side per chunk: 2^28 = 2048 rows of a 128k vocabulary (2 GiB of float32 pairs)
 CHUNK_ELEMENTS = int(os.environ.get("HSD_TRITON_CHUNK_ELEMENTS", 1 << 28))
 HALF_LOGITS = os.environ.get("HSD_TRITON_LOGITS", "float32") == "half"
-_OUT_DTYPE_MM = {"ok": True}  # cleared once if this torch/cuBLAS lacks mm(out_dtype=)
-
-
 def chunk_rows(n: int, vocab: int, budget: Optional[int] = None) -> int:
     """Rows per chunk: the budget over V, a multiple of 128 when large (GEMM-friendly)."""
     budget = CHUNK_ELEMENTS if budget is None else budget
@@ -53,8 +56,36 @@ def chunk_rows(n: int, vocab: int, budget: Optional[int] = None) -> int:
     return rows - rows % 128 if rows > 128 else rows
 
 
+_OUT_DTYPE_MM: dict = {}  # (device type, dtype) -> whether mm / addmm take out_dtype=float32
+
+
+def out_dtype_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch / cuBLAS multiplies ``dtype`` operands into a float32 result
+    (``torch.mm`` / ``torch.addmm`` with ``out_dtype=torch.float32``), probed once on 1 x 1
+    operands and logged. Only an unsupported signature counts as "no": the probe cannot run
+    out of memory, and the real GEMMs are never wrapped in a fallback that would turn an
+    out-of-memory error into a silent switch to float32 copies of the head (~10x slower)."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_MM:
+        a = torch.ones(1, 1, device=device, dtype=dtype)
+        out = torch.zeros(1, 1, device=device, dtype=torch.float32)
+        try:
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            _OUT_DTYPE_MM[key] = True
+            logger.debug("hsd triton: %s GEMMs write float32 through out_dtype", dtype)
+        except (TypeError, RuntimeError) as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            _OUT_DTYPE_MM[key] = False
+            logger.warning("hsd triton: torch.mm(out_dtype=float32) is unavailable for %s on %s "
+                           "(%s); the fused loss uses float32 copies of the LM head instead "
+                           "(slower)", dtype, device.type, str(err).splitlines()[0])
+    return _OUT_DTYPE_MM[key]
+
+
 def _mm_fp32(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, fallback) -> None:
-    """out (float32) = / += a @ b, on half-precision tensor cores when a and b are half.
+    """out (float32) = / += a @ b in place, on half-precision tensor cores when a and b are half.
 
     ``fallback()`` returns float32 (a, b) for where no half GEMM writes float32 (CPU, old torch).
     """
@@ -64,15 +95,12 @@ def _mm_fp32(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, fallback) -> N
         else:
             torch.mm(a, b, out=out)
         return
-    if out.is_cuda and _OUT_DTYPE_MM["ok"]:
-        try:
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            return
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE_MM["ok"] = False
+    if out.is_cuda and out_dtype_mm_supported(out.device, a.dtype):
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        return
     a32, b32 = fallback()
     if accumulate:
         out.addmm_(a32, b32)
@@ -113,19 +141,30 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
                 bias: Optional[Tensor], teacher_weight: Tensor, teacher_bias: Optional[Tensor],
                 target_ids: Optional[Tensor], coef: Tensor, advantage: Optional[Tensor],
                 mode: int, alpha: float, temperature: float, topk: int, topk_from_teacher: bool,
-                tail: bool, signal_clip: float, kl_clip: float, compute_grad: bool,
-                budget: Optional[int] = None):
-    """The contract's ``fused``: (token_loss, stats, grad_hidden, grad_weight, grad_bias)."""
+                tail: bool, signal_clip: float, kl_clip: float, grad_hidden: bool,
+                grad_weight: bool, grad_bias: bool, budget: Optional[int] = None):
+    """The contract's ``fused``: (token_loss, stats, grad_hidden, grad_weight, grad_bias), each
+    gradient None unless asked for (grad_bias also None without a bias)."""
+    with device_guard(student_hidden):
+        return _fused_terms(student_hidden, teacher_hidden, weight, bias, teacher_weight,
+                            teacher_bias, target_ids, coef, advantage, mode, alpha, temperature,
+                            topk, topk_from_teacher, tail, signal_clip, kl_clip, grad_hidden,
+                            grad_weight, grad_bias and bias is not None, budget)
+
+
+def _fused_terms(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                 target_ids, coef, advantage, mode, alpha, temperature, topk, topk_from_teacher,
+                 tail, signal_clip, kl_clip, want_h, want_w, want_b, budget):
     n, hidden = student_hidden.shape
     vocab = weight.shape[0]
     device, dtype = student_hidden.device, student_hidden.dtype
+    compute_grad = want_h or want_w or want_b  # grad_logits are needed for any of them
     loss = torch.empty(n, dtype=torch.float32, device=device)
     stats = torch.empty(n, 4, dtype=torch.float32, device=device)
-    grad_h = torch.empty(n, hidden, dtype=dtype, device=device) if compute_grad else None
+    grad_h = torch.empty(n, hidden, dtype=dtype, device=device) if want_h else None
     grad_w = torch.empty(vocab, hidden, dtype=torch.float32, device=device) \
-        if compute_grad else None  # the first chunk overwrites it
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) \
-        if compute_grad and bias is not None else None
+        if want_w else None  # the first chunk overwrites it
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if want_b else None
     if n == 0:
         if grad_w is not None:
             grad_w.zero_()
@@ -186,11 +225,14 @@ def fused_terms(student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor,
             continue
         if sup is not None:
             g.scatter_(1, ids, sup.to(g.dtype))
-        if g.dtype == torch.float32 or g.is_cuda:
+        if grad_h is None:
+            pass
+        elif g.dtype == torch.float32 or g.is_cuda:
             torch.mm(g, weight, out=grad_h[start:stop])
         else:  # CPU half: float32 math, one rounding at the end
             grad_h[start:stop] = (g.float() @ heads32(0)).to(dtype)
-        _mm_fp32(g.t(), h, grad_w, start > 0, lambda: (g.t().float(), h.float()))
+        if grad_w is not None:  # in place: no [V, H] temporary per chunk
+            _mm_fp32(g.t(), h, grad_w, start > 0, lambda: (g.t().float(), h.float()))
         if grad_b is not None:
             grad_b += g.sum(0, dtype=torch.float32)
     return loss, stats, grad_h, grad_w, grad_b
@@ -202,14 +244,15 @@ def triton_fused_linear(student_hidden: Tensor, teacher_hidden: Tensor, weight: 
                         teacher_bias: Optional[Tensor], target_ids: Optional[Tensor],
                         coef: Tensor, advantage: Optional[Tensor], mode: int, alpha: float,
                         temperature: float, topk: int, topk_from_teacher: bool, tail: bool,
-                        signal_clip: float, kl_clip: float,
-                        compute_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The fused op as seen by torch.compile; absent gradients are empty tensors."""
+                        signal_clip: float, kl_clip: float, grad_hidden: bool,
+                        grad_weight: bool,
+                        grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused op as seen by torch.compile; gradients not asked for are empty tensors."""
     loss, stats, gh, gw, gb = fused_terms(student_hidden, teacher_hidden, weight, bias,
                                           teacher_weight, teacher_bias, target_ids, coef,
                                           advantage, mode, alpha, temperature, topk,
                                           topk_from_teacher, tail, signal_clip, kl_clip,
-                                          compute_grad)
+                                          grad_hidden, grad_weight, grad_bias)
     # absent gradients: distinct empty tensors (a custom op's outputs may not alias)
     return (loss, stats, gh if gh is not None else student_hidden.new_empty(0),
             gw if gw is not None else loss.new_empty(0),
@@ -219,15 +262,15 @@ def triton_fused_linear(student_hidden: Tensor, teacher_hidden: Tensor, weight: 
 @triton_fused_linear.register_fake
 def _(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
       coef, advantage, mode, alpha, temperature, topk, topk_from_teacher, tail, signal_clip,
-      kl_clip, compute_grad):
+      kl_clip, grad_hidden, grad_weight, grad_bias):
     n = student_hidden.shape[0]
     f32 = torch.float32
     loss = student_hidden.new_empty(n, dtype=f32)
     stats = student_hidden.new_empty(n, 4, dtype=f32)
-    if not compute_grad:
-        return (loss, stats, student_hidden.new_empty(0), student_hidden.new_empty(0, dtype=f32),
-                student_hidden.new_empty(0, dtype=f32))
-    gb = student_hidden.new_empty(bias.shape[0], dtype=f32) if bias is not None \
+    gh = student_hidden.new_empty(student_hidden.shape) if grad_hidden \
+        else student_hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape, dtype=f32) if grad_weight \
         else student_hidden.new_empty(0, dtype=f32)
-    return (loss, stats, student_hidden.new_empty(student_hidden.shape),
-            weight.new_empty(weight.shape, dtype=f32), gb)
+    gb = student_hidden.new_empty(bias.shape[0], dtype=f32) if grad_bias and bias is not None \
+        else student_hidden.new_empty(0, dtype=f32)
+    return loss, stats, gh, gw, gb

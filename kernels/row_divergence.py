@@ -128,8 +128,10 @@ def hsd_rows_kernel(
         # read the target logits before any reduction: G may alias S, and once this program's
         # last barrier is passed its other warps store gradient tiles (entry y included)
         y = tl.load(TGT + row)
-        x_s_y = _load_logits(s_row, BS, y, y >= 0, HAS_BIAS)
-        x_t_y = _load_logits(t_row, BT, y, y >= 0, HAS_BIAS)
+        # hsd.loss checks the ids once per call; an out-of-range id reads nothing here
+        y_in = (y >= 0) & (y < V)
+        x_s_y = _load_logits(s_row, BS, y, y_in, HAS_BIAS)
+        x_t_y = _load_logits(t_row, BT, y, y_in, HAS_BIAS)
     if MODE == 2:
         k_lanes = tl.arange(0, BLOCK_K)
         k_in = k_lanes < K

@@ -474,6 +474,77 @@ def test_statistics_only_pass():
         assert_close(got[1], ref[1], 1e-5)
 
 
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True),
+                                   (True, True, False)], ids=lambda n: "hwb-" + "".join(
+                                       "1" if f else "0" for f in n))
+def test_grad_needs_skip_the_work(needs, monkeypatch):
+    """GradNeeds: the gradients asked for match the reference, the others are None, and the
+    [V, H] weight-gradient GEMM runs only when the weight's gradient is needed."""
+    from hsd.backends import GradNeeds
+    fused_linear = triton_backend.kernels().fused_linear
+    weight_gemms = []
+    real_mm = fused_linear._mm_fp32
+    monkeypatch.setattr(fused_linear, "_mm_fp32", lambda a, b, out, *rest: (
+        weight_gemms.append(out.shape), real_mm(a, b, out, *rest)))
+    x = make_inputs()
+    spec = SPECS["full-a0.3"]
+    got = run_fused(triton_backend, x, spec, compute_grad=GradNeeds(*needs))
+    ref = run_fused(reference, x, spec, f64=True)
+    for flag, name, a, r in zip(needs, ("grad_hidden", "grad_weight", "grad_bias"), got[2:],
+                                ref[2:]):
+        if flag:
+            assert_close(a, r, 1e-5, what=name)
+        else:
+            assert a is None, name
+    assert_close(got[0], ref[0], 1e-5)
+    assert (tuple(x["w"].shape) in weight_gemms) == needs[1]
+
+
+def test_no_gradient_needed_runs_the_statistics_only_kernel(monkeypatch):
+    from hsd.backends import GradNeeds
+    fused_linear = triton_backend.kernels().fused_linear
+    grads = []
+    real = fused_linear.launch_rows
+    monkeypatch.setattr(fused_linear, "launch_rows",
+                        lambda *a, **kw: (grads.append((a[2], a[16])), real(*a, **kw)))
+    got = run_fused(triton_backend, make_inputs(), SPECS["topk-student-tail-a1"],
+                    compute_grad=GradNeeds(False, False, False))
+    assert got[2:] == (None, None, None)
+    assert grads and all(g is None and not flag for g, flag in grads)
+
+
+def test_out_dtype_probe_lets_out_of_memory_through(monkeypatch):
+    """The half -> float32 GEMM probe: an unsupported signature selects the float32-head
+    fallback once (logged); an out-of-memory error propagates (it is not a missing feature)."""
+    fused_linear = triton_backend.kernels().fused_linear
+    monkeypatch.setattr(fused_linear, "_OUT_DTYPE_MM", {})
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch, "mm", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        fused_linear.out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.undo()
+    monkeypatch.setattr(fused_linear, "_OUT_DTYPE_MM", {})
+    assert fused_linear.out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16) is False
+    assert fused_linear._OUT_DTYPE_MM == {("cpu", torch.bfloat16): False}
+
+
+def test_device_guard_targets_the_tensors_gpu():
+    """Triton launches on the current device: the kernels make the tensors' GPU current (a
+    torch.cuda.device for cuda:1 while cuda:0 is current), and do nothing for CPU tensors."""
+    rd = triton_backend.kernels().row_divergence
+    guard = rd.device_guard(torch.empty(0))
+    assert not isinstance(guard, torch.cuda.device)
+    with guard:  # a no-op
+        pass
+
+    class FakeCuda:  # a tensor-like on cuda:1 (no GPU needed to build the guard)
+        device = torch.device("cuda", 1)
+    guard = rd.device_guard(FakeCuda())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
 BF16_SPECS = ["sampled", "full-a0", "full-a0.5-T2", "full-a1", "topk-student-tail-a1",
               "topk-teacher-notail-a1-T1.5"]
 
@@ -552,12 +623,13 @@ def test_custom_ops_pass_opcheck():
     x = make_inputs(n=4)
     s = torch.nn.functional.linear(x["h"], x["w"], x["b"])
     t = torch.nn.functional.linear(x["ht"], x["w"], x["b"])
-    scalars = (TOPK, 0.5, 1.0, 3, False, True, 0.0, 0.0, True)
+    scalars = (TOPK, 0.5, 1.0, 3, False, True, 0.0, 0.0)
     torch.library.opcheck(torch.ops.hsd.triton_logits.default,
-                          (s, t, x["y"][:4], x["coef"][:4], None) + scalars)
-    torch.library.opcheck(torch.ops.hsd.triton_fused_linear.default,
-                          (x["h"], x["ht"], x["w"], x["b"], x["w"], x["b"], x["y"], x["coef"],
-                           None) + scalars)
+                          (s, t, x["y"][:4], x["coef"][:4], None) + scalars + (True,))
+    for needs in [(True, True, True), (False, True, False), (True, False, False)]:
+        torch.library.opcheck(torch.ops.hsd.triton_fused_linear.default,
+                              (x["h"], x["ht"], x["w"], x["b"], x["w"], x["b"], x["y"],
+                               x["coef"], None) + scalars + needs)
 
 
 def test_fused_runs_under_torch_compile_fullgraph():

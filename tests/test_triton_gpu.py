@@ -235,3 +235,51 @@ def test_torch_compile_fullgraph():
     got = torch.compile(step, fullgraph=True)(*args)
     for a, r in zip(got, step(*args)):
         assert_close(a, r, 1e-6)
+
+
+def test_grad_needs():
+    """A frozen head (no weight gradient) and a statistics-only call, against full gradients."""
+    from hsd.backends import GradNeeds
+    x = make_inputs(torch.bfloat16)
+    spec = SPECS["full-a0.3"]
+    full = run_fused(triton_backend, x, spec)
+    frozen = run_fused(triton_backend, x, spec, compute_grad=GradNeeds(True, False, False))
+    assert frozen[3] is None and frozen[4] is None
+    for a, b in zip(frozen[:3], full[:3]):
+        assert_close(a, b, 1e-6)
+    stats_only = run_fused(triton_backend, x, spec, compute_grad=GradNeeds(False, False, False))
+    assert stats_only[2:] == (None, None, None)
+    assert_close(stats_only[0], full[0], 1e-6)
+
+
+@pytest.mark.parametrize("from_teacher", [False, True])
+def test_topk_ties_in_bf16_logits(from_teacher):
+    """bf16 logits from a small integer set tie at the k-th rank in most rows: the support is
+    the contract's (lower ids win), as in the float64 definition."""
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    s = torch.randint(-4, 3, (64, V), generator=g, device=DEVICE).to(torch.bfloat16)
+    t = (s.float() + torch.randint(-1, 2, (64, V), generator=g, device=DEVICE)).to(torch.bfloat16)
+    y = torch.randint(0, V, (64,), generator=g, device=DEVICE)
+    coef = torch.rand(64, generator=g, device=DEVICE) + 0.1
+    for tail in (True, False):
+        spec = spec_of("topk", alpha=0.5, topk=20, topk_from_teacher=from_teacher, tail=tail)
+        got = triton_backend.logits(s, t, y, coef, None, spec, True)
+        ref = reference.logits(s.double(), t.double(), y, coef, None, spec, True)
+        for name, a, r in zip(("token_loss", "stats", "grad_logits"), got, ref):
+            assert_close(a, r, 1e-2, what=name)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (cuda:1 while "
+                    "cuda:0 is current); test_triton_backend checks the guard on CPU")
+def test_tensors_on_another_gpu():
+    """Model-parallel placement: inputs on cuda:1 while cuda:0 is current."""
+    x = make_inputs()
+    spec = SPECS["topk-student-tail-a1"]
+    want = run_fused(triton_backend, x, spec)
+    x1 = {k: v.to("cuda:1") if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    with torch.cuda.device(0):
+        got = run_fused(triton_backend, x1, spec)
+    torch.cuda.synchronize(1)
+    for a, b in zip(got, want):
+        assert a.device == torch.device("cuda:1")
+        assert_close(a.to("cuda:0"), b, 1e-6)

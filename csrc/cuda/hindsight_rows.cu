@@ -3,7 +3,11 @@
 //
 // Passes over the vocabulary: (1) online max / sum-exp of both sides; (2) the divergence, and in
 // sampled mode the gradient; (3) full and top-k modes only: the gradient, which needs the row's
-// slope sum from pass 2. Top-k ids come from torch.topk (any k); the bucket arithmetic is double.
+// slope sum from pass 2. Top-k ids come from cuda_ops.cpp (the contract's tie rule: lower ids
+// win ties at the k-th rank); the tail bucket is the off-support mass summed directly over the
+// vocabulary (1 - sum p_support cancels to 0 or below for a confident side), and the bucket
+// arithmetic is double. Edge cases as hsd.definition: p > 0 = q gives +inf even where p
+// underflows in float32; NaN anywhere in a row (logits, or a NaN signal) gives NaN.
 // CUDA runtime only: raw pointers and a stream passed in.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,6 +60,11 @@ __device__ T block_sum(T v, T* buf) {
   return warp_sum(total);
 }
 
+// Comparisons, not fmin / fmax: those drop a NaN operand, and a NaN must stay NaN.
+__device__ __forceinline__ double clamp_keep_nan(double x, double bound) {
+  return x > bound ? bound : (x < -bound ? -bound : x);
+}
+
 // Maximum over the block, returned to every thread (fmax: exact and order-independent).
 __device__ double block_max(double v, double* buf) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -103,8 +112,11 @@ __device__ MaxSum block_maxsum(MaxSum v, float inv_temp, MaxSum* buf) {
   return r;
 }
 
+// p * (log p - log q): 0 where p = 0; +inf where p > 0 = q, even if exp(lp) underflows.
 __device__ __forceinline__ double plogratio(double lp, double lq) {
-  return lp == -INFINITY ? 0.0 : exp(lp) * (lp - lq);
+  if (lp == -INFINITY) return 0.0;
+  if (lq == -INFINITY && !isnan(lp)) return INFINITY;
+  return exp(lp) * (lp - lq);
 }
 
 __device__ __forceinline__ double logaddexp(double a, double b) {
@@ -133,13 +145,14 @@ __device__ __forceinline__ void full_term(float lps, float lpt, float alpha, flo
                                           float* slope, float* ps_out) {
   const float ps = __expf(lps);
   *ps_out = ps;
+  // p > 0 = q: +inf, also where p underflows in float32 (0 * inf would be NaN)
   if (alpha == 1.0f) {
-    *slope = lps == -INFINITY ? 0.0f : ps * (lps - lpt);
+    *slope = lps == -INFINITY ? 0.0f : lpt == -INFINITY ? INFINITY : ps * (lps - lpt);
     *d = *slope;
   } else if (alpha == 0.0f) {
     const float pt = __expf(lpt);
     *slope = -pt;
-    *d = lpt == -INFINITY ? 0.0f : pt * (lpt - lps);
+    *d = lpt == -INFINITY ? 0.0f : lps == -INFINITY ? INFINITY : pt * (lpt - lps);
   } else {
     const float pt = __expf(lpt);
     const float m = (1.0f - alpha) * ps + alpha * pt;
@@ -184,15 +197,18 @@ __global__ void __launch_bounds__(kThreads) hindsight_rows_kernel(RowSpec spec, 
   mt = block_maxsum(mt, inv_temp, mbuf);
   nan_seen = block_sum(nan_seen, fbuf);
   const float lzs = logf(ms.z), lzt = logf(mt.z);
+  // hsd.loss checks the target ids once per call (no host sync per chunk here): an id out of
+  // range reads nothing and makes its row NaN
+  const int64_t y = a.target != nullptr ? a.target[row] : -1;
+  const bool bad_target = a.target != nullptr && (y < 0 || y >= n);
   // NaN, +inf or all -inf rows: the loss is NaN, as in the CPU kernels
-  const bool bad = nan_seen > 0.0f || !isfinite(ms.m) || !isfinite(mt.m);
+  const bool bad = nan_seen > 0.0f || !isfinite(ms.m) || !isfinite(mt.m) || bad_target;
 
   const double coef = static_cast<double>(a.coef[row]);
   const bool want_grad = g != nullptr && coef != 0.0 && !bad;
   const double factor = coef * inv_temp_d;
   double lps_y = 0.0, lpt_y = 0.0;
-  if (a.target != nullptr) {
-    const int64_t y = a.target[row];
+  if (a.target != nullptr && !bad_target) {
     lps_y = (double(to_float(s[y])) - ms.m) * inv_temp_d - double(lzs);
     lpt_y = (double(to_float(t[y])) - mt.m) * inv_temp_d - double(lzt);
   }
@@ -205,13 +221,12 @@ __global__ void __launch_bounds__(kThreads) hindsight_rows_kernel(RowSpec spec, 
     if (a.advantage != nullptr) {
       coeff_a = a.advantage[row];
     } else if (spec.signal_clip > 0.0) {
-      coeff_a = fmin(fmax(coeff_a, -spec.signal_clip), spec.signal_clip);
+      coeff_a = clamp_keep_nan(coeff_a, spec.signal_clip);
     }
     loss = -coeff_a * lps_y;
     div = -adv;
     if (want_grad) {  // d(-a log p_y)/ds = a (p - onehot_y)
       const float scale = static_cast<float>(coef * coeff_a * inv_temp_d);
-      const int64_t y = a.target[row];
       for (int64_t i = threadIdx.x; i < n; i += kThreads) {
         const float p = __expf((to_float(s[i]) - ms.m) * inv_temp - lzs);
         g[i] = from_float<In>(i == y ? p * scale - scale : p * scale);
@@ -255,13 +270,59 @@ __global__ void __launch_bounds__(kThreads) hindsight_rows_kernel(RowSpec spec, 
     // support normalisers: the tail mass (tail) or the support's log-sum-exp (renormalised)
     double shift_s = 0.0, shift_t = 0.0, tail_s = 0.0, tail_t = 0.0;
     if (spec.tail) {
-      double es = 0.0, et = 0.0;
+      // The tail: the off-support mass summed directly over the vocabulary, each side
+      // relative to its own maximum (1 - sum p_support would cancel). The support is every
+      // entry ranked above the k-th support logit ``kth`` plus some of those equal to it (the
+      // lowest ids): entries below kth are summed; of those equal to it, the ones outside the
+      // support weigh exp(kth - m) each on the ranking side, and all tied entries less the
+      // support's tied ones on the other side (a subtraction only where ties cross the rank).
+      const In* rank = spec.topk_from_teacher ? t : s;
+      double kth_part = INFINITY;
       for (int64_t j = threadIdx.x; j < k; j += kThreads) {
-        es += exp(lp_at(j));
-        et += exp(lq_at(j));
+        kth_part = fmin(kth_part, double(to_float(rank[ids[j]])));
       }
-      tail_s = fmax(1.0 - block_sum(es, dbuf), 0.0);
-      tail_t = fmax(1.0 - block_sum(et, dbuf), 0.0);
+      const float kth = static_cast<float>(-block_max(-kth_part, dbuf));
+      double off_s = 0.0, off_t = 0.0, tie_s = 0.0, tie_t = 0.0, tied = 0.0;
+      for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+        const float x = to_float(s[i]), z = to_float(t[i]), r = to_float(rank[i]);
+        if (r < kth || r == kth) {
+          const double es = exp((double(x) - ms.m) * inv_temp_d);
+          const double et = exp((double(z) - mt.m) * inv_temp_d);
+          if (r < kth) {
+            off_s += es;
+            off_t += et;
+          } else {
+            tie_s += es;
+            tie_t += et;
+            tied += 1.0;
+          }
+        }
+      }
+      off_s = block_sum(off_s, dbuf);
+      off_t = block_sum(off_t, dbuf);
+      tie_s = block_sum(tie_s, dbuf);
+      tie_t = block_sum(tie_t, dbuf);
+      tied = block_sum(tied, dbuf);
+      double sup_tied = 0.0, sup_tie_s = 0.0, sup_tie_t = 0.0;
+      for (int64_t j = threadIdx.x; j < k; j += kThreads) {
+        if (to_float(rank[ids[j]]) == kth) {
+          sup_tied += 1.0;
+          sup_tie_s += exp((double(to_float(s[ids[j]])) - ms.m) * inv_temp_d);
+          sup_tie_t += exp((double(to_float(t[ids[j]])) - mt.m) * inv_temp_d);
+        }
+      }
+      sup_tied = block_sum(sup_tied, dbuf);
+      sup_tie_s = block_sum(sup_tie_s, dbuf);
+      sup_tie_t = block_sum(sup_tie_t, dbuf);
+      const double n_out = tied - sup_tied;
+      if (n_out > 0.0) {
+        const double rank_m = spec.topk_from_teacher ? mt.m : ms.m;
+        const double exact = n_out * exp((double(kth) - rank_m) * inv_temp_d);
+        off_s += spec.topk_from_teacher ? fmax(tie_s - sup_tie_s, 0.0) : exact;
+        off_t += spec.topk_from_teacher ? exact : fmax(tie_t - sup_tie_t, 0.0);
+      }
+      tail_s = off_s / double(ms.z);
+      tail_t = off_t / double(mt.z);
     } else {
       // the support's log-sum-exp, shifted by its maximum: the other side's log-probabilities
       // on the support may all lie below exp's range (a support far in that side's tail)

@@ -7,12 +7,15 @@ the LM head; extra memory is O(chunk x V). Float64 inputs go to the portable bac
 Available only when the extension was built against a CUDA-enabled torch and a GPU is present.
 """
 
+import logging
+
 import torch
 
 from .. import _extension
 from . import as_needs, torch_chunked
 
 name = "cuda"
+logger = logging.getLogger("hsd")
 CHUNK_ELEMENTS = 1 << 26  # float32 logits per chunk buffer (three buffers live at once)
 
 
@@ -25,23 +28,58 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+_OUT_DTYPE_MM: dict = {}  # (device type, dtype) -> whether mm / addmm take out_dtype=float32
 
-_MM_OUT_DTYPE = None  # whether torch.mm(..., out_dtype=float32) works for half inputs here
 
-
-def _mm_f32(a, b):
-    """a @ b with a float32 result (half-precision inputs accumulate and store in float32)."""
-    global _MM_OUT_DTYPE
-    if a.dtype == torch.float32:
-        return a @ b
-    if _MM_OUT_DTYPE is not False:
+def _out_dtype_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm`` / ``torch.addmm`` multiply ``dtype`` operands into float32
+    (``out_dtype=``), probed once on 1 x 1 operands and logged. Only an unsupported signature
+    counts as "no": the real products are never wrapped in a fallback, so an out-of-memory error
+    propagates instead of silently switching the run to slower float32 copies of the head."""
+    key = (device.type, dtype)
+    if key not in _OUT_DTYPE_MM:
+        a = torch.ones(1, 1, device=device, dtype=dtype)
+        out = torch.zeros(1, 1, device=device, dtype=torch.float32)
         try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _MM_OUT_DTYPE = True
-            return out
-        except (RuntimeError, TypeError):
-            _MM_OUT_DTYPE = False
-    return (a @ b).float()
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            _OUT_DTYPE_MM[key] = True
+        except (TypeError, RuntimeError) as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            _OUT_DTYPE_MM[key] = False
+            logger.warning("hsd cuda: torch.mm(out_dtype=float32) is unavailable for %s (%s); "
+                           "the fused loss multiplies float32 copies of the LM head instead",
+                           dtype, str(err).splitlines()[0])
+    return _OUT_DTYPE_MM[key]
+
+
+class _Float32:
+    """A float32 copy of a tensor, made at most once per call (the fallback's operands)."""
+
+    def __init__(self, x):
+        self.x, self.copy = x, None
+
+    def __call__(self):
+        if self.copy is None:
+            self.copy = self.x.float()
+        return self.copy
+
+
+def _mm_into(out, a, b, accumulate, a32, b32):
+    """out (float32) = / += a @ b in place: half operands accumulate and store in float32 on the
+    tensor cores (``out_dtype``), so no [V, H] temporary is allocated per chunk; ``a32`` / ``b32``
+    give float32 operands where this torch cannot do that."""
+    if a.dtype == torch.float32 or not _out_dtype_mm_supported(out.device, a.dtype):
+        a, b = (a, b) if a.dtype == torch.float32 else (a32(), b32())
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif accumulate:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):
@@ -57,47 +95,47 @@ def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, co
 
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
           coef, advantage, spec, needs):
-    """The contract's ``fused`` (see :mod:`hsd.backends`)."""
+    """The contract's ``fused`` (see :mod:`hsd.backends`): only the gradients in ``needs`` are
+    computed (no [V, H] product for a frozen head, no gradient at all when none is needed)."""
     if student_hidden.dtype == torch.float64:
         return torch_chunked.fused(student_hidden, teacher_hidden, weight, bias, teacher_weight,
                                    teacher_bias, target_ids, coef, advantage, spec, needs)
     needs = as_needs(needs)
-    token_loss, stats, grad_h, grad_w, grad_b = _fused(
-        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-        coef, advantage, spec, needs.any)
-    return (token_loss, stats, grad_h if needs.hidden else None,
-            grad_w if needs.weight else None, grad_b if needs.bias else None)
-
-
-def _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
-           coef, advantage, spec, compute_grad):
+    want_h, want_w, want_b = needs.hidden, needs.weight, needs.bias and bias is not None
+    compute_grad = want_h or want_w or want_b
     n, vocab = student_hidden.shape[0], weight.shape[0]
-    device = student_hidden.device
+    device, dtype = student_hidden.device, student_hidden.dtype
     token_loss = torch.empty(n, dtype=torch.float32, device=device)
     stats = torch.empty(n, 4, dtype=torch.float32, device=device)
-    grad_h = torch.empty_like(student_hidden) if compute_grad else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if compute_grad else None
-    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) \
-        if compute_grad and bias is not None else None
+    grad_h = torch.empty_like(student_hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=device) if want_b else None
+    w32, tw32 = _Float32(weight), _Float32(teacher_weight)
     step = max(1, min(n, CHUNK_ELEMENTS // max(vocab, 1)))
     for i in range(0, n, step):
         rows = slice(i, min(i + step, n))
-        h = student_hidden[rows]
-        s = _mm_f32(h, weight.t())
-        t = _mm_f32(teacher_hidden[rows], teacher_weight.t())
+        h, ht = student_hidden[rows], teacher_hidden[rows]
+        c = h.shape[0]
+        s = torch.empty(c, vocab, dtype=torch.float32, device=device)
+        t = torch.empty(c, vocab, dtype=torch.float32, device=device)
+        _mm_into(s, h, weight.t(), False, _Float32(h), lambda: w32().t())
+        _mm_into(t, ht, teacher_weight.t(), False, _Float32(ht), lambda: tw32().t())
         if bias is not None:
             s += bias.float()
         if teacher_bias is not None:
             t += teacher_bias.float()
         loss_i, stats_i, g = torch.ops.hsd.hindsight_from_logits(
             s, t, None if target_ids is None else target_ids[rows], coef[rows],
-            None if advantage is None else advantage[rows], *spec.op_args(), bool(compute_grad))
+            None if advantage is None else advantage[rows], *spec.op_args(), compute_grad)
         token_loss[rows], stats[rows] = loss_i, stats_i
         del s, t
-        if compute_grad:
-            grad_h[rows] = (g.to(weight.dtype) @ weight) if weight.dtype != torch.float32 \
-                else g @ weight
-            grad_w += _mm_f32(g.t().to(h.dtype), h) if h.dtype != torch.float32 else g.t() @ h
-            if grad_b is not None:
-                grad_b += g.sum(0)
+        if not compute_grad:
+            continue
+        g_in = g if dtype == torch.float32 else g.to(dtype)  # one conversion for both products
+        if grad_h is not None:
+            torch.mm(g_in, weight, out=grad_h[rows])
+        if grad_w is not None:
+            _mm_into(grad_w, g_in.t(), h, True, lambda: g.t(), _Float32(h))
+        if grad_b is not None:
+            grad_b += g.sum(0)
     return token_loss, stats, grad_h, grad_w, grad_b

@@ -7,7 +7,8 @@ backend), never by ``import hsd``.
 Float64 inputs (a checking dtype) go to the portable torch backend. See ``kernels/`` for the
 design: cuBLAS GEMMs for logits and gradients, one Triton program per token row for the
 softmax statistics, divergence and grad_logits, everything inside two ``torch.library``
-custom ops so the backend runs under ``torch.compile``.
+custom ops so the backend runs under ``torch.compile``. Tensors on another GPU than the
+current one run on their own device and its current stream.
 """
 
 from __future__ import annotations
@@ -110,14 +111,15 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
     _load_ops()
     detach = (lambda x: None if x is None else x.detach())
     needs = as_needs(needs)
-    compute_grad = needs.any
+    want_b = needs.bias and bias is not None
+    # the op computes only what is asked: no [V, H] work for a frozen head, no gradient pass
+    # when nothing needs one
     loss, stats, gh, gw, gb = torch.ops.hsd.triton_fused_linear(
         *map(detach, (student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias)),
-        target_ids, coef.detach(), detach(advantage), *spec.op_args(), bool(compute_grad))
-    if not compute_grad:
-        return loss, stats, None, None, None
+        target_ids, coef.detach(), detach(advantage), *spec.op_args(), bool(needs.hidden),
+        bool(needs.weight), want_b)
     return (loss, stats, gh if needs.hidden else None, gw if needs.weight else None,
-            gb if needs.bias and bias is not None else None)
+            gb if want_b else None)
 
 
 def _load_ops() -> None:
