@@ -34,16 +34,22 @@ def _record(t: InteractionTuple) -> str:
 
 
 def _check_tuple(t) -> None:
-    """Hand-built tuples: a clear DataError before any tokenizer sees a bad field."""
+    """Hand-built (or later modified) tuples: a clear DataError before any tokenizer sees a bad
+    field. Messages are checked where a layout uses them (:func:`_check_messages`)."""
     if not isinstance(t, InteractionTuple):
         raise DataError(f"expected an InteractionTuple, got {type(t).__name__}")
     for name, value in (("y", t.y), ("o", t.o), ("conversation_id", t.conversation_id)):
         if not isinstance(value, str):
             raise DataError(f"{_record(t)}: InteractionTuple.{name} must be a string, got {type(value).__name__}")
-    for i, m in enumerate(t.full_history):
+    if not isinstance(t.x, list) or not isinstance(t.full_history, list):
+        raise DataError(f"{_record(t)}: InteractionTuple.x must be a list of messages, got {type(t.x).__name__}")
+
+
+def _check_messages(messages: list, where: str) -> None:
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (USER, ASSISTANT, SYSTEM):
             raise DataError(
-                f"{_record(t)}: message {i} of x must be {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r}"
+                f"{where}: message {i} of x must be {{'role': 'system'|'user'|'assistant', 'content': str}}, got {m!r}"
             )
 
 
@@ -146,6 +152,7 @@ def tokenize_tuple(
     followup = _fit_followup(r, template, t.o, cfg, report)
     if followup is None:
         return None
+    _check_messages(t.x, where)
     history = _cut_history(t.x, cfg.history_messages)
     while True:
         if not history or history[-1]["role"] != USER:
@@ -252,7 +259,12 @@ class _Conversation:
         return n
 
     def est_context(self, first: int, j: int) -> int:
-        return self.head + self.reply_start.get(j, self.begin[j]) - self.begin[first]
+        bias = self.context_bias if first != self.first else 0
+        return self.head + self.reply_start.get(j, self.begin[j]) - self.begin[first] + bias
+
+    #: Built windows' context minus its estimate, at most 0 (the markup that closes the message
+    #: before a window start is counted in the estimate but not rendered in the window).
+    context_bias = 0
 
 
 def _build_window(conv, first, window_tuples, followups, r, template, cfg, report, window_index):
@@ -329,11 +341,53 @@ def _window_starts(conv: _Conversation) -> list[int]:
     return [i for i in range(conv.first, len(conv.messages)) if conv.messages[i]["role"] == USER]
 
 
+def _window_start(conv: _Conversation, starts: list[int], j: int, L: int) -> tuple[int | None, int]:
+    """Where a window whose first scored reply is message ``j`` starts, and the context it
+    must give that reply: the latest user message leaving ``min(history, L // 2)`` tokens of
+    context, or, for a reply too long for that, the earliest start that fits (None: none does)."""
+    need = min(L // 2, conv.est_context(conv.first, j))
+    fitting = [s for s in starts if s < j and conv.est_length(s, [j]) <= L]
+    enough = [s for s in fitting if conv.est_context(s, j) >= need]
+    if enough:
+        return enough[-1], need
+    return (fitting[0] if fitting else None), need
+
+
+def _plan_windows(conv: _Conversation, replies: list[int], L: int, starts: list[int]) -> list[tuple[int, int, int]]:
+    """Windows ``(start, first reply, end reply)`` (reply indices into ``replies``, end
+    exclusive) with the fewest student tokens in total (estimated), each reply scored once with
+    at least ``min(history, L // 2)`` tokens of context: a window is fixed by its first reply
+    (which sets its start) and its last; dynamic programming over the first reply of the next
+    window. A reply no window can hold is left out (``start`` None, a one-reply entry)."""
+    n = len(replies)
+    start = [_window_start(conv, starts, j, L)[0] for j in replies]
+    cost = [0] * (n + 1)
+    choice = [n] * n
+    for i in range(n - 1, -1, -1):
+        if start[i] is None:
+            cost[i], choice[i] = cost[i + 1], i + 1
+            continue
+        best = None
+        for k in range(i + 1, n + 1):
+            length = conv.est_length(start[i], replies[i:k])
+            if length > L and k > i + 1:
+                break
+            if best is None or length + cost[k] < best:
+                best, choice[i] = length + cost[k], k
+        cost[i] = best
+    plan, i = [], 0
+    while i < n:
+        plan.append((start[i], i, choice[i]))
+        i = choice[i]
+    return plan
+
+
 def _plan_and_build(conv, tuples, followups, r, template, cfg, report) -> list[ConversationExample]:
-    """Windows: greedy, each as long as ``max_length`` allows, each new one starting at the
-    latest user message that leaves its first reply at least ``min(history, max_length // 2)``
-    tokens of context. Student tokens stay near twice the conversation's (each window repeats
-    about half a window of context) and no reply sees less than half a window of history."""
+    """Windows of at most ``max_length`` student tokens (branches included) that start at a
+    user message, where every scored reply sees at least ``min(its history, max_length // 2)``
+    tokens of context, with the fewest student tokens the window starts allow (see
+    :func:`_plan_windows`). Estimates come from the whole conversation's tokenisation; every
+    built window is checked, and the plan redone from there if one comes out too long."""
     L = cfg.max_length
     if L is None or conv.est_length(conv.first, [t.message_index for t in tuples]) <= L:
         example, _ = _build_window(conv, conv.first, tuples, followups, r, template, cfg, report, 0)
@@ -342,45 +396,47 @@ def _plan_and_build(conv, tuples, followups, r, template, cfg, report) -> list[C
     starts = _window_starts(conv)
     examples: list[ConversationExample] = []
     pending = list(tuples)
-    lowest = conv.first
+    plan = _plan_windows(conv, [t.message_index for t in pending], L, starts)
     while pending:
-        t0 = pending[0]
-        j0 = t0.message_index
-        need = min(L // 2, conv.est_context(conv.first, j0))
-        candidates = [s for s in starts if lowest <= s < j0]
-        fitting = [s for s in candidates if conv.est_length(s, [j0]) <= L]
-        enough = [s for s in fitting if conv.est_context(s, j0) >= need]
-        if enough:  # the latest start with enough context; later (shorter) ones if the estimate was short
-            order = [s for s in fitting if s >= enough[-1]]
-        else:  # a long reply: as much context as fits
-            order = fitting or candidates[-1:]
-        group = [t0]
-        built = None
-        for s in order:
-            group = [t0]
-            for t in pending[1:]:
-                if conv.est_length(s, [g.message_index for g in group] + [t.message_index]) > L:
-                    break
-                group.append(t)
-            while group:
-                built, contexts = _build_window(conv, s, group, followups, r, template, cfg, report, len(examples))
-                if built is None or len(built.input_ids) <= L:
-                    break
-                group = group[:-1]
-                built = None
-            if group:
-                break
-        if not group:
+        s, i, k = plan[0]
+        assert i == 0
+        if s is None:
             report.dropped_tuples["window_over_budget"] += 1
-            pending = pending[1:]
+            pending, plan = pending[1:], [(s2, i2 - 1, k2 - 1) for s2, i2, k2 in plan[1:]]
             continue
-        pending = pending[len(group) :]
-        if built is None:  # every tuple of the group was dropped by a budget
+        group = pending[:k]
+        j0 = group[0].message_index
+        need = _window_start(conv, starts, j0, L)[1]
+        built, contexts = _build_window(conv, s, group, followups, r, template, cfg, report, len(examples))
+        if built is not None and len(built.input_ids) <= L and (not contexts or contexts[0] >= need):
+            examples.append(built)
+            pending, plan = pending[k:], [(s2, i2 - k, k2 - k) for s2, i2, k2 in plan[1:]]
             continue
-        lowest = s
-        if contexts and contexts[0] < need:
-            report.adjusted["window_context_below_half"] += 1
-        examples.append(built)
+        if built is not None and contexts and contexts[0] < need and conv.context_bias > -8:
+            # The context estimate was high: learn by how much and plan the rest again.
+            conv.context_bias = max(-8, conv.context_bias + contexts[0] - conv.est_context(s, j0))
+            plan = _plan_windows(conv, [t.message_index for t in pending], L, starts)
+            continue
+        # The estimate was off: the first tuple alone, from the latest start that fits with
+        # enough context (else the most context that fits); then plan the rest again.
+        built = None
+        for s2 in sorted((s2 for s2 in starts if s2 < j0), reverse=True):
+            candidate, contexts = _build_window(conv, s2, group[:1], followups, r, template, cfg, report, len(examples))
+            if candidate is None:
+                break
+            if len(candidate.input_ids) > L:
+                break
+            built = candidate
+            if contexts[0] >= need:
+                break
+        if built is None and candidate is not None:
+            report.dropped_tuples["window_over_budget"] += 1
+        if built is not None:
+            if built.tuples and built.position_ids[built.tuples[0].response_start] < need:
+                report.adjusted["window_context_below_half"] += 1
+            examples.append(built)
+        pending = pending[1:]
+        plan = _plan_windows(conv, [t.message_index for t in pending], L, starts) if pending else []
     return examples
 
 
@@ -411,8 +467,9 @@ def tokenize_conversation(
     tuples.sort(key=lambda t: t.message_index)
     if not tuples:
         return []
-    messages = _conversation_messages(tuples)
     where = f"conversation {tuples[0].conversation_id!r}"
+    _check_messages(tuples[-1].full_history, where)
+    messages = _conversation_messages(tuples)
     conv = _Conversation(r, messages, where)
 
     followups = {t.message_index: _fit_followup(r, template, t.o, cfg, report) for t in tuples}
