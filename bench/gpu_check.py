@@ -9,6 +9,9 @@ warm-up) and reports:
   peak      extra peak memory over the inputs
   loss err  relative difference of the loss from eager's (Liger's JSD has its own normalisation)
 
+An implementation that fails (an exception, out of memory, a non-finite loss) gets its error in
+its row of the table and the JSON, and the other rows still run; the exit status is 1 then.
+
 ``--dry-run`` runs the same code on tiny shapes on the CPU (Triton through its interpreter), so
 the script itself is checked where there is no GPU.
 """
@@ -21,12 +24,18 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import torch
+if "--dry-run" in sys.argv:
+    # before torch (which may import triton): triton's own @jit helpers are built for the
+    # interpreter only when the variable is set at its import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_loss  # noqa: E402
+import bench_loss  # noqa: E402,I001
 
 GPU_SHAPES = [(8192, 4096, 128256), (8192, 896, 151936)]
 DRY_SHAPES = [(32, 32, 1000), (24, 16, 1537)]
@@ -62,13 +71,18 @@ def check_shape(t, h, v, mode, alpha, dtype, device, repeats, rate):
     kinds = bench_loss.implementations(device, mode, alpha)
     rows = []
     for kind in kinds:
-        fn = bench_loss.make_runner(kind, hs, ht, w, y, args)
         try:
+            fn = bench_loss.make_runner(kind, hs, ht, w, y, args)
             bench_loss.run_once(fn, hs, w, device)  # warm-up: compilation, autotuning
             runs = [bench_loss.run_once(fn, hs, w, device) for _ in range(repeats)]
-        except torch.OutOfMemoryError:
-            rows.append({"impl": kind, "error": "out of memory"})
-            torch.cuda.empty_cache()
+            if not all(map(_finite, (r[2] for r in runs))):
+                raise FloatingPointError(f"non-finite loss {runs[-1][2]}")
+        except Exception as err:  # noqa: BLE001 - one implementation's failure is one row
+            rows.append({"impl": kind, "error": _describe(err)})
+            print(f"   {kind} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            hs.grad = w.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             continue
         med = statistics.median(r[0] for r in runs)
         rows.append({"impl": kind, "median_s": med, "peak_mib": max(r[1] for r in runs) / 2**20,
@@ -81,6 +95,18 @@ def check_shape(t, h, v, mode, alpha, dtype, device, repeats, rate):
         if eager and "loss" in r:  # every implementation must agree on the value it times
             r["loss_rel_err"] = abs(r["loss"] - eager["loss"]) / max(abs(eager["loss"]), 1e-12)
     return rows
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def _describe(err: BaseException) -> str:
+    """One line for the table: the error type and the first line of its message."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return "out of memory"
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first[:160]}"
 
 
 def main(argv=None):
@@ -104,7 +130,12 @@ def main(argv=None):
     table = []
     for t, h, v in shapes:
         for mode, alpha in MODES:
-            for row in check_shape(t, h, v, mode, alpha, dtype, device, repeats, rate):
+            try:
+                rows = check_shape(t, h, v, mode, alpha, dtype, device, repeats, rate)
+            except Exception as err:  # noqa: BLE001 - e.g. the inputs themselves do not fit
+                print(traceback.format_exc(), file=sys.stderr, flush=True)
+                rows = [{"impl": "(inputs)", "error": _describe(err)}]
+            for row in rows:
                 row.update(shape=f"T={t} H={h} V={v}", mode=f"{mode}" + (f" a={alpha}" if mode != "sampled" else ""))
                 table.append(row)
                 print("  ", row, flush=True)
@@ -120,7 +151,11 @@ def main(argv=None):
         print(f"{r['shape']:24s} {r['mode']:12s} {r['impl']:12s} {r['median_s'] * 1e3:9.2f} "
               f"{r['x_floor']:8.2f} {r.get('x_liger', float('nan')):8.2f} {r['peak_mib']:9.0f} "
               f"{r.get('loss_rel_err', float('nan')):9.1e}")
+    failed = [r for r in table if "error" in r]
+    if failed:
+        print(f"\n{len(failed)} of {len(table)} rows failed")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
