@@ -63,6 +63,35 @@ def test_nan_rows_and_skipped_rows():
     assert torch.all(grad[coef == 0] == 0)
 
 
+@requires_gpu
+def test_fused_path_does_not_synchronise():
+    """The op checks shapes only (hsd.loss checks the target range once per call), so the
+    per-chunk calls never make the host wait."""
+    inputs = to_cuda(cast(make_fused(19, 24, 257), torch.bfloat16))
+    for spec in (SPECS[0], DivergenceSpec(mode=TOPK, topk=7)):
+        run_fused(cuda_backend, inputs, spec)  # warm-up
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run_fused(cuda_backend, inputs, spec)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@requires_gpu
+def test_nan_signal_stays_nan_through_the_clip():
+    """A target masked on both sides gives A = -inf - (-inf) = NaN; the signal clip keeps it
+    (fmin / fmax would have turned it into the clip value), as the definition does."""
+    s, t, y, coef = make_logits(4, 300)
+    s, t = s.float(), t.float()
+    s[1, y[1]] = t[1, y[1]] = float("-inf")
+    spec = DivergenceSpec(mode=SAMPLED, signal_clip=0.5)
+    expected = reference.logits(s.double(), t.double(), y, coef, None, spec, True)
+    actual = cuda_backend.logits(s.cuda(), t.cuda(), y.cuda(), coef.cuda(), None, spec, True)
+    assert torch.isnan(expected[0][1]) and torch.isnan(actual[0][1].cpu())
+    keep = torch.tensor([0, 2, 3])
+    assert_matches([actual[0].cpu()[keep]], [expected[0][keep]], CUDA_TOL, ("token_loss",))
+
+
 def _support_far_in_the_teacher_tail():
     """Teacher log-probabilities ~ -1000 on the student's top-k ids: exp underflows there."""
     g = torch.Generator().manual_seed(3)
