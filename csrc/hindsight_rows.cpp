@@ -318,21 +318,33 @@ struct TopkScratch {
   std::vector<double> lp, lq, slope;
 };
 
-// Selects the support of ``x`` into ws.cand[0, k) (in rank order) and returns the row maximum;
-// ``ok`` is false when NaN entries leave fewer than k comparable values. Afterwards ws.cand
-// [k, end) holds every other candidate, so the entries tied with the k-th that were left out
-// are there too (the tail sums need them).
+// Selects the support of ``x`` into ws.cand[0, k) (ws.cand[k - 1] is the k-th ranked entry; the
+// others are in no particular order) and returns the row maximum; ``ok`` is false when NaN
+// entries leave fewer than k comparable values. Afterwards ws.cand[k, end) holds every other
+// candidate, so the entries tied with the k-th that were left out are there too (the tail sums
+// need them).
 template <typename T>
 T select_topk(const T* x, int64_t n, int64_t k, TopkScratch<T>& ws, bool* ok) {
+  const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t bs = std::clamp<int64_t>(n / (4 * k), 1, 64);
   const int64_t nblocks = (n + bs - 1) / bs;
   ws.block_max.resize(nblocks);
-  T row_m = -std::numeric_limits<T>::infinity();
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t lo = b * bs;
-    const T m = row_max(x + lo, std::min(bs, n - lo));
-    ws.block_max[b] = m;
-    row_m = m > row_m ? m : row_m;
+  T row_m = ninf;
+  if (bs == 1) {  // k >= n / 8: every entry is its own block (NaN never ranks: -inf)
+    T* __restrict bm = ws.block_max.data();
+#pragma omp simd reduction(max : row_m)
+    for (int64_t i = 0; i < n; ++i) {
+      const T v = x[i] == x[i] ? x[i] : ninf;
+      bm[i] = v;
+      row_m = v > row_m ? v : row_m;
+    }
+  } else {
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t lo = b * bs;
+      const T m = row_max(x + lo, std::min(bs, n - lo));  // NaN-free: NaN never beats m
+      ws.block_max[b] = m;
+      row_m = m > row_m ? m : row_m;
+    }
   }
   // the k-th largest block maximum: at least k entries reach it
   ws.bound.assign(ws.block_max.begin(), ws.block_max.end());
@@ -348,8 +360,8 @@ T select_topk(const T* x, int64_t n, int64_t k, TopkScratch<T>& ws, bool* ok) {
   }
   *ok = static_cast<int64_t>(ws.cand.size()) >= k;  // an all-NaN block's maximum is -inf
   if (!*ok) return row_m;
+  // (value desc, id asc) is a strict total order: the first k are the stable-sort support
   std::nth_element(ws.cand.begin(), ws.cand.begin() + (k - 1), ws.cand.end(), ranks_before<T>);
-  std::sort(ws.cand.begin(), ws.cand.begin() + k, ranks_before<T>);  // determinism (k log k)
   return row_m;
 }
 
