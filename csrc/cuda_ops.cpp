@@ -2,9 +2,9 @@
 // rule), and the launch of csrc/cuda/hindsight_rows.cu on the tensors' device and its current
 // stream. No host synchronisation: the target-id range is checked once per loss call by
 // hsd.loss (the kernel turns an out-of-range id into a NaN row, never an out-of-bounds read), so
-// the per-chunk calls of the fused path stay asynchronous and CUDA-graph capturable. Only ATen / c10 core headers: the
-// stream comes through c10's device-generic interface, so this file also compiles against a
-// CPU-only torch (the build compiles it there as a check).
+// the per-chunk calls of the fused path stay asynchronous and CUDA-graph capturable. Only ATen /
+// c10 core headers: the stream comes through c10's device-generic interface, so this file also
+// compiles against a CPU-only torch (the build compiles it there as a check).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>

@@ -287,7 +287,8 @@ def main():
     print(f"{'variant':62s} {'regs':>5s} {'spill B':>8s}")
     for r in rows:
         name = r["id"].rsplit("-", 1)[0]
-        print(f"{name:62s} {r.get('regs', -1):5d} {r.get('spills', -1):8d} {r.get('error', '')[:60]}")
+        print(f"{name:62s} {r.get('regs', -1):5d} {r.get('spills', -1):8d} "
+              f"{r.get('error', '')[:60]}")
     print(f"{len(rows)} variants, {sum('error' in r for r in rows)} failed")
 
 
