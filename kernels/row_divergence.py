@@ -14,8 +14,9 @@ walks the vocabulary in ``BLOCK_V`` tiles:
   same thread, and the one entry read across threads, the target logit, is read before pass 1,
   so before any barrier after which other warps could already be storing).
 
-Top-k mode receives the support ids (chosen by ``torch.topk`` outside the kernel: selection is
-a sort, which this kernel does not need to redo), gathers the k support logits per side into
+Top-k mode receives the support ids (chosen outside the kernel by :func:`.topk.topk_support`,
+torch's top-k with the contract's tie rule: selection is a sort, which this kernel does not
+need to redo), gathers the k support logits per side into
 registers, computes the bucket divergence there, writes ``p * c_row`` for every vocabulary
 entry (the off-support chain rule through the tail bucket, or 0 without the tail) and the k
 on-support gradients to ``ONSUP``; the caller scatters those over the row.
