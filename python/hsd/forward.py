@@ -41,7 +41,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -433,6 +433,19 @@ class EMATeacher(nn.Module):
         return self.module(*args, **kwargs)
 
 
+@contextmanager
+def _checkpointing_off(*decoders):
+    """No-grad passes need no checkpointing, and transformers < 5.18 would drop their cache."""
+    flagged = [m for d in decoders for m in d.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
+
+
 def _teacher_context(model, teacher: str):
     if teacher == "base":
         disable = getattr(model, "disable_adapter", None)
@@ -641,7 +654,7 @@ def hindsight_hidden_states(
 
     teacher_tokens = int(tb.suffix_lengths.sum())
     prefix_tokens = int(tb.teacher_prefix_offsets.sum())
-    with _teacher_context(model, teacher):
+    with _teacher_context(model, teacher), _checkpointing_off(view.decoder, teacher_view.decoder):
         if chosen == "full":
             teacher_hidden, teacher_tokens = _teacher_full(teacher_view, tb)
             saved = 0
