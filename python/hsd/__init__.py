@@ -66,3 +66,12 @@ __all__ = [
     "hindsight_hidden_states",
     "hindsight_step",
 ]
+
+
+def __getattr__(name):
+    # the Trainer integration imports transformers' Trainer (seconds): only when asked for
+    if name in ("HSDConfig", "HSDTrainer"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hsd' has no attribute {name!r}")
