@@ -263,7 +263,7 @@ def _inspect(args) -> int:
               f"{s['mean_divergence']:.4f}")
         print(f"{'#':>4}  {'token':<20} {'A_t':>8} {'diverg.':>8} {'p_stud':>7} {'p_teach':>7}")
         for r in signal.top(args.top):
-            print(f"{r['index']:>4}  {r['token']!r:<20} {r['advantage']:>+8.3f} {r['divergence']:>8.3f} "
+            print(f"{r['index']:>4}  {r['token']!r:<20} {r['advantage']:>+8.3g} {r['divergence']:>8.3g} "
                   f"{r['student_p']:>7.3f} {r['teacher_p']:>7.3f}")
     if args.html:
         Path(args.html).parent.mkdir(parents=True, exist_ok=True)
