@@ -178,8 +178,9 @@ def _grad_needs(*inputs) -> GradNeeds:
 _NO_DOUBLE_BACKWARD = (
     "hsd's loss has no second derivative: its backward returns precomputed first-order "
     "gradients, so backward(create_graph=True) / autograd.grad(create_graph=True) through it "
-    "would silently drop the second-order term. Differentiate the loss once (create_graph=False)"
-    ", or use hsd.hindsight_loss with backend='reference' on materialised logits.")
+    "would silently drop the second-order term. Differentiate it once (create_graph=False); "
+    "for higher derivatives use the definition, hsd.reference_token_terms, on materialised "
+    "logits (plain autograd).")
 
 
 class _HindsightFunction(torch.autograd.Function):
