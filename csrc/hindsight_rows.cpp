@@ -1,10 +1,12 @@
 // Row kernels for the CPU backend: log-sum-exp of both sides, the divergence and its gradient,
 // written in place over the student logits. Follows torch_chunked.token_terms term by term.
 //
-// The float entry point is cloned for AVX-512, AVX2 and baseline x86-64 (picked at load time),
-// so one wheel is both portable and vectorised; the float exp and log below are written with
-// selects only so the compiler can vectorise them (libm's expf / logf are scalar calls without
-// -ffast-math, which we cannot use: the loss relies on inf and NaN semantics).
+// The float entry point is compiled three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and
+// baseline x86-64, and the best one the CPU supports is picked on first use (HSD_CPU_ISA can ask
+// for a lower one: tests and benchmarks run every variant on one machine), so one wheel is both
+// portable and vectorised. The float exp and log below are written with selects only so the
+// compiler can vectorise them (libm's expf / logf are scalar calls without -ffast-math, which we
+// cannot use: the loss relies on inf and NaN semantics).
 //
 // Every pass over the vocabulary is a vectorised loop; the only scalar work per row is the top-k
 // selection among a few candidate blocks and the divergence over the k + 1 top-k buckets.
@@ -12,15 +14,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(_M_X64))
-#define HSD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#define HSD_X86_VARIANTS 1
+#define HSD_TARGET(arch) __attribute__((target(arch), flatten))
 #else
-#define HSD_CLONES
+#define HSD_X86_VARIANTS 0
 #endif
 
 namespace hsd {
@@ -646,15 +650,69 @@ inline void rows_impl(const RowSpec& spec, const RowBlock<T>& b, int64_t begin, 
   }
 }
 
+// ---- ISA variants of the float rows -----------------------------------------------------
+// ``flatten`` inlines every helper into each variant, so each is compiled for its target.
+using FloatRows = void (*)(const RowSpec&, const RowBlock<float>&, int64_t, int64_t);
+
+#if HSD_X86_VARIANTS
+HSD_TARGET("arch=x86-64-v4")
+void rows_v4(const RowSpec& spec, const RowBlock<float>& b, int64_t lo, int64_t hi) {
+  rows_impl<float>(spec, b, lo, hi);
+}
+HSD_TARGET("arch=x86-64-v3")
+void rows_v3(const RowSpec& spec, const RowBlock<float>& b, int64_t lo, int64_t hi) {
+  rows_impl<float>(spec, b, lo, hi);
+}
+__attribute__((flatten))
+#endif
+void rows_baseline(const RowSpec& spec, const RowBlock<float>& b, int64_t lo, int64_t hi) {
+  rows_impl<float>(spec, b, lo, hi);
+}
+
+struct FloatVariant {
+  const char* isa;
+  FloatRows fn;
+};
+
+// The best variant this CPU runs, or the one HSD_CPU_ISA names (x86-64-v4, x86-64-v3, x86-64)
+// when the CPU supports it; an unsupported or unknown request keeps the best (never SIGILL).
+FloatVariant pick_variant() {
+#if HSD_X86_VARIANTS
+  __builtin_cpu_init();
+  const FloatVariant v4{"x86-64-v4", rows_v4}, v3{"x86-64-v3", rows_v3};
+  const FloatVariant base{"x86-64", rows_baseline};
+  const bool has_v4 = __builtin_cpu_supports("x86-64-v4"), has_v3 = __builtin_cpu_supports("x86-64-v3");
+  const FloatVariant best = has_v4 ? v4 : (has_v3 ? v3 : base);
+  const char* want = std::getenv("HSD_CPU_ISA");
+  if (want == nullptr) return best;
+  if (std::strcmp(want, "x86-64") == 0) return base;
+  if (std::strcmp(want, "x86-64-v3") == 0 && has_v3) return v3;
+  return best;
+#else
+  return {"portable", rows_baseline};
+#endif
+}
+
+const FloatVariant& float_variant() {
+  static const FloatVariant chosen = pick_variant();  // thread-safe, once per process
+  return chosen;
+}
+
 }  // namespace
 
-HSD_CLONES
 void hindsight_rows(const RowSpec& spec, const RowBlock<float>& block, int64_t begin, int64_t end) {
-  rows_impl<float>(spec, block, begin, end);
+  float_variant().fn(spec, block, begin, end);
 }
 
 void hindsight_rows(const RowSpec& spec, const RowBlock<double>& block, int64_t begin, int64_t end) {
   rows_impl<double>(spec, block, begin, end);
 }
 
+const char* hindsight_rows_isa() { return float_variant().isa; }
+
 }  // namespace hsd
+
+// The same, with C linkage, for ctypes (hsd._extension.row_kernel_isa) without a torch op.
+extern "C" __attribute__((visibility("default"))) const char* hsd_row_kernel_isa() {
+  return hsd::hindsight_rows_isa();
+}

@@ -44,4 +44,9 @@ struct RowBlock {
 void hindsight_rows(const RowSpec& spec, const RowBlock<float>& block, int64_t begin, int64_t end);
 void hindsight_rows(const RowSpec& spec, const RowBlock<double>& block, int64_t begin, int64_t end);
 
+// Which compiled variant the float rows run: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2),
+// "x86-64" (baseline) or "portable" (not GCC on x86-64). The best the CPU supports, unless
+// HSD_CPU_ISA asks for a lower one (read once, at the first call).
+const char* hindsight_rows_isa();
+
 }  // namespace hsd

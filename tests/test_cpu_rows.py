@@ -4,16 +4,21 @@ Covers what the vectorised rows and the threshold top-k selection could get wron
 generalised JSD (0 < alpha < 1), top-k supports of every size (the block-maximum bound, partial
 blocks, k = V), the stable tie rule at the k-th rank, the off-support mass of peaked rows (float
 exp underflows there), -inf masks, float32 underflow against -inf (the +inf limit that kl_clip
-caps), bf16 inputs, the fused op and the public autograd path; forward and gradient.
+caps), bf16 inputs, the fused op and the public autograd path; forward and gradient. The AVX2
+and baseline variants (what CPUs without AVX-512 run) are checked too, through HSD_CPU_ISA.
 """
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import hsd
+from hsd import _extension
 from hsd.backends import FULL, TOPK, DivergenceSpec, GradNeeds, cpu, reference
 from hsd.definition import topk_support
 
@@ -258,3 +263,34 @@ def test_public_api_cpu_matches_reference(kw):
     for key, tol in ((("cpu", torch.float32), FP32_TOL), (("cpu", torch.float64), 1e-10)):
         for got, want in zip(results[key], expected):
             assert rel_err(got, want) <= tol, (key, rel_err(got, want))
+
+
+# ------------------------------------------------------------------ every ISA variant
+def test_row_kernel_isa_is_the_requested_one():
+    isa = _extension.row_kernel_isa()
+    assert isa in ("x86-64-v4", "x86-64-v3", "x86-64", "portable")
+    requested = os.environ.get("HSD_CPU_ISA")
+    if requested:
+        assert isa == requested
+
+
+# a cross-section of this file: JSD, top-k at every selection path, ties, peaked rows, +inf
+LOWER_ISA_SUBSET = ("isa_is_the_requested or jsd_rows_match or rows_bf16 or (ties_pick and 37) or "
+                    "peaked or underflow or (topk_rows_match and (64 or 200))")
+
+
+@pytest.mark.parametrize("isa", ["x86-64-v3", "x86-64"])
+def test_lower_isa_variants_match_definition(isa):
+    """The kernels are compiled for x86-64-v4, -v3 and baseline x86-64 and the CPU picks the
+    best: run the checks above on the lower variants too, in a process that asks for them."""
+    best = _extension.row_kernel_isa()
+    if best == "portable":
+        pytest.skip("a single portable build (not GCC on x86-64): there are no ISA variants")
+    if isa == "x86-64-v3" and best == "x86-64":
+        pytest.skip("this CPU has no AVX2: the x86-64-v3 variant cannot run here")
+    env = {**os.environ, "HSD_CPU_ISA": isa}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", LOWER_ISA_SUBSET], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "deselected" in proc.stdout

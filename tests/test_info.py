@@ -30,6 +30,7 @@ def test_info_json_matches_this_process(capsys):
     for b in info["backends"]:  # every unavailable backend says why
         assert bool(b["reason"]) != b["available"], b
     assert info["extension"]["loaded"] == _extension.load()
+    assert info["extension"]["row_kernel_isa"] == _extension.row_kernel_isa()
     assert info["default_backend"]["cpu"] == hsd.select_backend(torch.device("cpu")).name
     build = _extension.build_info()
     if build is not None:
@@ -73,7 +74,7 @@ def test_info_without_the_extension_says_why_and_how_to_fix():
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     ext = info["extension"]
-    assert not ext["loaded"] and ext["built_against"] is None
+    assert not ext["loaded"] and ext["built_against"] is None and ext["row_kernel_isa"] is None
     assert "without its compiled extension" in ext["reason"]
     assert "--no-build-isolation" in ext["fix"]
     cpu = next(b for b in info["backends"] if b["name"] == "cpu")

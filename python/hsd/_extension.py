@@ -106,6 +106,23 @@ def unavailable_fix() -> str:
     return _fix
 
 
+def row_kernel_isa() -> Optional[str]:
+    """Which compiled variant the C++ row kernels run: "x86-64-v4" (AVX-512), "x86-64-v3"
+    (AVX2), "x86-64" (baseline SSE2) or "portable" (a non-x86 or non-GCC build); None without
+    the extension. The best the CPU supports, unless ``HSD_CPU_ISA`` (read once per process)
+    asks for a lower one: tests and benchmarks run every variant on one machine that way."""
+    if not load():
+        return None
+    import ctypes
+
+    try:  # a plain C symbol of hsd._C (no torch op needed); dlopen returns the loaded library
+        fn = ctypes.CDLL(sys.modules["hsd._C"].__file__).hsd_row_kernel_isa
+    except (OSError, AttributeError, KeyError):
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
+
+
 def cuda_kernels_linked() -> bool:
     """True when the loaded extension carries the CUDA kernels (built against a CUDA torch)."""
     info = build_info()

@@ -4,7 +4,7 @@
     hsd info            # a readable report
     hsd info --json     # the same facts as JSON
 
-It reports hsd, Python, the CPU (and which row-kernel clone it gets), torch and CUDA versions,
+It reports hsd, Python, the CPU (and the row-kernel variant it runs), torch and CUDA versions,
 the GPUs, Triton, what the compiled extension was built against and whether it loaded (with the
 fix when it did not), every backend with why it is unavailable, which backend each device type
 gets by default, and the environment variables hsd reads.
@@ -28,8 +28,9 @@ _ENV_VARS = ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL
 
 
 def _cpu() -> dict[str, Any]:
-    """CPU model and the row-kernel clone it gets (the C++ row kernels are compiled for
-    x86-64-v4 / AVX-512, x86-64-v3 / AVX2 and baseline x86-64, picked when hsd._C loads)."""
+    """CPU model and the best row-kernel variant it supports (the C++ row kernels are compiled
+    for x86-64-v4 / AVX-512, x86-64-v3 / AVX2 and baseline x86-64; the extension reports the one
+    it runs, which HSD_CPU_ISA can lower)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -45,17 +46,17 @@ def _cpu() -> dict[str, Any]:
     v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe"}
     v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
     if platform.machine() not in ("x86_64", "AMD64"):
-        clone = "portable (not x86-64)"
+        isa = "portable (not x86-64)"
     elif not flags:
-        clone = "unknown (CPU flags not readable)"
+        isa = "unknown (CPU flags not readable)"
     elif v3 | v4 <= flags:
-        clone = "x86-64-v4 (AVX-512)"
+        isa = "x86-64-v4 (AVX-512)"
     elif v3 <= flags:
-        clone = "x86-64-v3 (AVX2)"
+        isa = "x86-64-v3 (AVX2)"
     else:
-        clone = "baseline x86-64 (SSE2)"
+        isa = "baseline x86-64 (SSE2)"
     return {"model": model, "machine": platform.machine(), "cores": os.cpu_count(),
-            "row_kernel_clone": clone}
+            "best_isa": isa}
 
 
 def _version(dist: str) -> Optional[str]:
@@ -143,7 +144,8 @@ def collect() -> dict[str, Any]:
             except (RuntimeError, ValueError) as err:  # a forced HSD_BACKEND that cannot run
                 defaults[device] = f"error: {err}"
     extension = {"loaded": loaded, "reason": ext._reason, "fix": ext._fix,
-                 "path": getattr(sys.modules.get("hsd._C"), "__file__", None)}
+                 "path": getattr(sys.modules.get("hsd._C"), "__file__", None),
+                 "row_kernel_isa": ext.row_kernel_isa()}
     if build is not None:
         extension["built_against"] = {
             "torch": build.TORCH_VERSION, "cuda": build.TORCH_CUDA or None,
@@ -180,6 +182,7 @@ def format_report(info: dict[str, Any]) -> str:
     row = "  {:<22}{}".format
     if ext["loaded"]:
         lines.append(row("compiled extension", f"loaded ({ext['path']})"))
+        lines.append(row("row kernels", f"{ext['row_kernel_isa']} variant"))
     else:
         lines.append(row("compiled extension", f"NOT LOADED: {ext['reason']}"))
         lines.append(row("to fix", ext["fix"]))
@@ -195,7 +198,7 @@ def format_report(info: dict[str, Any]) -> str:
         row("python", f"{info['python']['version']} ({info['python']['executable']})"),
         row("platform", info["python"]["platform"]),
         row("cpu", f"{cpu['model']}, {cpu['cores']} logical cores; "
-                   f"row kernels: {cpu['row_kernel_clone']}"),
+                   f"supports {cpu['best_isa']}"),
         row("torch", f"{t['version']} (CUDA {t['cuda'] or 'none'}"
                      + (f", HIP {t['hip']}" if t["hip"] else "")
                      + f"), {t['threads']} CPU threads"),
