@@ -245,10 +245,11 @@ def add_data_commands(subparsers) -> None:
 # ---- entry point --------------------------------------------------------------------------
 
 from .info import add_info_commands  # noqa: E402  (hsd info)
+from .train_cli import add_train_commands  # noqa: E402  (hsd train)
 from .online_cli import add_online_commands  # noqa: E402  (hsd chat, hsd inspect)
 
 #: Functions that add one command family to the ``hsd`` parser.
-COMMAND_FAMILIES = [add_data_commands, add_info_commands, add_online_commands]
+COMMAND_FAMILIES = [add_data_commands, add_info_commands, add_online_commands, add_train_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
