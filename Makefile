@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEPS := numpy tqdm pytest scikit-build-core cmake ninja triton transformers tokenizers datasets pyarrow peft matplotlib
+DEPS := numpy tqdm pytest scikit-build-core cmake ninja triton transformers tokenizers datasets pyarrow peft matplotlib accelerate pyyaml
 export PATH := $(PATH):/usr/local/cuda/bin:/usr/local/cuda-13.0/bin
 
 .PHONY: test bench install deps clean
