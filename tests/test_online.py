@@ -303,3 +303,19 @@ def test_config_errors():
     with pytest.raises(ValueError, match="needs adapter='lora'"):
         OnlineConfig(adapter="full", teacher="base")
     assert OnlineConfig.stable().loss_mode == "full" and OnlineConfig.stable().anchor == 0.2
+
+
+def test_readme_online_snippet_runs(tok, tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    section = readme.read_text().split("## Online learning", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    stable = OnlineConfig.stable.__func__  # short replies keep the test fast
+    monkeypatch.setattr(OnlineConfig, "stable", classmethod(lambda cls, **kw: stable(cls, **{"max_new_tokens": 8, **kw})))
+    scope = {"model": tiny_model(tok), "tokenizer": tok, "prompts": ["write code", "tell a story"]}
+    exec(compile(code, "README online learning", "exec"), scope)
+    assert scope["result"].stepped and (tmp_path / "adapters").is_dir()
+    assert scope["run"].counts["interactions"] == 2

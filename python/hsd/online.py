@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -420,7 +421,10 @@ class OnlineDistiller:
             raise ImportError("adapter='lora' needs peft (pip install peft), or use adapter='full'") from e
         lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM")
-        return peft.get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft 0.21 reads a property transformers 5 deprecated: noise for every chat start
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(model, lora)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(list(self.trainable.values()), lr=self.config.lr,
