@@ -140,6 +140,8 @@ def test_full_fine_tuning_is_allowed(tok):
     before = lora_state(d)
     result = d.learn(PROMPT, REPLY, "shorter please")
     assert result.stepped and "anchor_loss" in result.stats and not same(before, lora_state(d))
+    d.reset()
+    assert same(before, lora_state(d)) and d.step_count == 0
 
 
 # ---- item 2: anchor, gate, teacher health -------------------------------------------------------
@@ -222,6 +224,9 @@ def test_gate_skips_or_downweights_neutral_followups(tok):
     result = d.learn_batch(interactions)
     assert seen == ["thanks!", "make it shorter"] and result.skips == {"gated_neutral": 1}
     assert [r["learned"] for r in result.interactions] == [True, False]
+    d = OnlineDistiller(copy.deepcopy(model), tok, OnlineConfig(**small(gate=lambda m, y, o: "yes")))
+    with pytest.raises(TypeError, match="bool or a weight"):
+        d.learn(PROMPT, REPLY, "shorter")
 
 
 def test_health_check_rolls_back_to_the_last_good_state(tok):

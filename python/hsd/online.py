@@ -72,6 +72,7 @@ logger = logging.getLogger("hsd")
 LOSS_MODES = ("sampled", "full", "topk")
 GATES = ("all", "skip_neutral", "downweight_neutral")
 _FORMAT_VERSION = 1
+_RECENT = 1000  # steps of stats kept for health checks
 _STATE_FILE = "hsd_online.json"
 _WEIGHTS_FILE = "trainable.safetensors"
 _OPTIMIZER_FILE = "optimizer.pt"
@@ -400,10 +401,17 @@ class OnlineDistiller:
         self.optimizer = self._new_optimizer()
         self.step_count = 0
         self.counts: Counter = Counter()  # skips by reason, steps, rollbacks, over the lifetime
-        self._initial = self._snapshot()
+        if self.reference is not None and self.ema is None:
+            # the frozen reference holds the initial weights already: no second full copy
+            ref = dict(self.reference.named_parameters())
+            self._initial = _Snapshot({n: ref[n] for n in self.trainable}, copy.deepcopy(self.optimizer.state_dict()),
+                                      0, None)
+        else:
+            self._initial = self._snapshot()
         self._last_good = self._initial
         self._history: list[_Snapshot] = []
         self._recent: list[dict] = []
+        self._good_recent = 0
 
     # -- set-up --
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -491,16 +499,20 @@ class OnlineDistiller:
 
     def _gate_weight(self, messages, response, followup) -> float:
         gate = self.config.gate
-        if callable(gate):
+        if not callable(gate):
+            if gate == "all" or not is_neutral_followup(followup):
+                return 1.0
+            return 0.0 if gate == "skip_neutral" else self.config.neutral_weight
+        try:
             value = gate(messages, response, followup)
-            if isinstance(value, bool):
-                return 1.0 if value else 0.0
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise TypeError(f"the gate must return a bool or a weight in [0, 1], got {value!r}")
-            return float(value)
-        if gate == "all" or not is_neutral_followup(followup):
-            return 1.0
-        return 0.0 if gate == "skip_neutral" else self.config.neutral_weight
+        except Exception as e:  # a user's gate must not end a long run: counted and logged
+            raise _GateError(f"{type(e).__name__}: {e}") from e
+        if isinstance(value, bool):
+            return 1.0 if value else 0.0
+        if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            # a wrong return type is a programming error, not a bad interaction
+            raise TypeError(f"the gate must return a bool or a weight in [0, 1], got {value!r}")
+        return float(value)
 
     def _prepare(self, interactions, records: list[dict], skips: Counter) -> _Prepared | None:
         layout = self.config.layout()
@@ -529,10 +541,8 @@ class OnlineDistiller:
                 continue
             try:
                 weight = self._gate_weight(messages, response, followup)
-            except TypeError:
-                raise
-            except Exception as e:  # a user's gate must not end a long run: counted, logged
-                skip("gate_error", f"{type(e).__name__}: {e}")
+            except _GateError as e:
+                skip("gate_error", str(e))
                 continue
             record["weight"] = weight
             if weight == 0.0:
@@ -703,6 +713,10 @@ class OnlineDistiller:
         self.counts.update(skips)
         if stats["learned"]:
             self._recent.append(stats)
+            if len(self._recent) > _RECENT:
+                drop = len(self._recent) - _RECENT
+                del self._recent[:drop]
+                self._good_recent = max(0, self._good_recent - drop)
             self._health(stats)
         return LearnResult(stats, records, skips)
 
@@ -733,8 +747,10 @@ class OnlineDistiller:
         stats["health"] = bool(ok)
         if ok:
             self._last_good = self._snapshot()
+            self._good_recent = len(self._recent)
             return
         self._restore(self._last_good)
+        del self._recent[self._good_recent:]  # the rolled-back steps no longer count in a window
         self._history = []  # undo cannot reach past a rollback
         self.counts["rollbacks"] += 1
         stats["rolled_back"] = True
@@ -780,7 +796,7 @@ class OnlineDistiller:
         self._restore(self._initial)
         self._last_good = self._initial
         self._history = []
-        self._recent = []
+        self._recent, self._good_recent = [], 0
 
     # -- persistence --
     def save(self, path: str | os.PathLike) -> Path:
@@ -831,7 +847,7 @@ class OnlineDistiller:
         self.optimizer.load_state_dict(optimizer_state)
         self.step_count = int(state.get("step", 0))
         self._history = []
-        self._recent = []
+        self._recent, self._good_recent = [], 0
         self._last_good = self._snapshot()
 
     def save_user(self, root: str | os.PathLike, user: str) -> Path:
@@ -847,6 +863,10 @@ class OnlineDistiller:
             return True
         self.reset()
         return False
+
+
+class _GateError(Exception):
+    """A user gate raised (the interaction is skipped and counted)."""
 
 
 def _check_messages(messages) -> None:
