@@ -137,6 +137,10 @@ class HSDConfig(TrainingArguments):
 
     def __post_init__(self):
         self.remove_unused_columns = False  # hsd's batches carry their own fields
+        if self.ddp_find_unused_parameters is None:
+            # the student pass uses every trainable parameter; the Trainer would otherwise ask DDP
+            # for an extra graph traversal per step
+            self.ddp_find_unused_parameters = False
         self.validate_hsd()
         super().__post_init__()
 
