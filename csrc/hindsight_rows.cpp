@@ -713,6 +713,11 @@ const char* hindsight_rows_isa() { return float_variant().isa; }
 }  // namespace hsd
 
 // The same, with C linkage, for ctypes (hsd._extension.row_kernel_isa) without a torch op.
-extern "C" __attribute__((visibility("default"))) const char* hsd_row_kernel_isa() {
+#if defined(__GNUC__)
+#define HSD_EXPORT __attribute__((visibility("default")))
+#else
+#define HSD_EXPORT
+#endif
+extern "C" HSD_EXPORT const char* hsd_row_kernel_isa() {
   return hsd::hindsight_rows_isa();
 }
