@@ -63,7 +63,7 @@ from .loss import HindsightLoss
 from .step import StepOutput, hindsight_step
 
 __all__ = ["HSDConfig", "HSDTrainer", "HindsightExamples", "TokenBudgetBatchSampler", "build_examples",
-           "EMA_WEIGHTS_NAME"]
+           "step_through", "EMA_WEIGHTS_NAME"]
 
 logger = logging.getLogger("hsd")
 
@@ -361,6 +361,43 @@ def _live_sequences(inputs: dict) -> int:
     return int(torch.unique(index).numel()) if index.numel() else 0
 
 
+def _unwrap(model):
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP, DataParallel
+        inner = inner.module
+    return getattr(inner, "_orig_mod", inner)  # torch.compile
+
+
+def step_through(model, batch: dict, loss_fn: HindsightLoss | None = None, *, module=None,
+                 **step_kwargs) -> tuple[StepOutput, torch.Tensor]:
+    """:func:`hsd.hindsight_step` run as ``model``'s forward, for wrapped models.
+
+    Wrappers act in their forward: DDP prepares its gradient reducer there, FSDP2 unshards
+    the root module's parameters (the LM head among them) there. The step itself calls the
+    model's decoder and head directly, so it is run *as* the forward of ``module`` (the
+    unwrapped model; found through ``.module`` by default): ``module.forward`` is the step for
+    the duration of one ``model()`` call. Returns the step's output and the loss as the
+    wrapper returned it (use this one for ``backward``).
+    """
+    module = module if module is not None else _unwrap(model)
+    box: dict[str, StepOutput] = {}
+
+    def forward(*_args, **_kwargs):
+        box["out"] = hindsight_step(module, batch, loss_fn, **step_kwargs)
+        return box["out"].loss
+
+    own = module.__dict__.get("forward", None)  # accelerate's autocast wrapper is an instance attribute
+    module.forward = forward
+    try:
+        loss = model()
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+    return box["out"], loss
+
+
 class _HSDCallback(TrainerCallback):
     """EMA update after each optimiser step; a requested stop (SIGINT) saves and ends training."""
 
@@ -470,29 +507,10 @@ class HSDTrainer(Trainer):
         return counts
 
     def _step(self, model, inputs: dict, **overrides) -> tuple[StepOutput, torch.Tensor]:
-        """Run the step through ``model``'s own call, so wrappers (DDP's reducer, FSDP's
-        unsharding hooks) see a forward: the unwrapped module's ``forward`` is the step for the
-        duration of the call."""
-        unwrapped = self.accelerator.unwrap_model(model)
         teacher_model = self.ema_teacher if self.args.teacher == "ema" else None
-        box: dict[str, StepOutput] = {}
-
-        def forward(*_args, **_kwargs):
-            box["out"] = hindsight_step(unwrapped, inputs, self.loss_fn, teacher=self.args.teacher,
-                                        teacher_model=teacher_model, strategy=self.args.teacher_strategy,
-                                        **overrides)
-            return box["out"].loss
-
-        own = unwrapped.__dict__.get("forward", None)
-        unwrapped.forward = forward
-        try:
-            loss = model()
-        finally:
-            if own is None:
-                del unwrapped.forward
-            else:
-                unwrapped.forward = own
-        return box["out"], loss
+        return step_through(model, inputs, self.loss_fn, module=self.accelerator.unwrap_model(model),
+                            teacher=self.args.teacher, teacher_model=teacher_model,
+                            strategy=self.args.teacher_strategy, **overrides)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The hindsight loss of one micro-batch, scaled so that the micro-batches of an
