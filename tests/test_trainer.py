@@ -179,3 +179,38 @@ def test_paper_offline_preset(tmp_path):
         ("sampled", 2, "live", "tuple", "paper")
     assert args.layout_config().max_prompt_tokens == 2048
     assert getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+
+
+def test_bf16_mixed_precision_runs_the_step_under_autocast(tmp_path, tok, monkeypatch):
+    import hsd.trainer
+
+    seen = []
+    step = hsd.trainer.hindsight_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(hsd.trainer, "hindsight_step", spy)
+    args = config(tmp_path, bf16=True, max_steps=1, per_device_train_batch_size=3)
+    trainer = HSDTrainer(tiny_model(tok), args, train_dataset=ROWS, processing_class=tok)
+    trainer.train()
+    assert seen == [True] and math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_ema_teacher_resumes_exactly(tmp_path, tok):
+    def run(out, max_steps, resume=None):
+        args = config(tmp_path, output_dir=str(out), teacher="ema", ema_rate=0.5, max_steps=max_steps,
+                      per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
+        trainer = HSDTrainer(tiny_model(tok), args, train_dataset=ROWS, processing_class=tok)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full", 3)
+    run(tmp_path / "part", 2)
+    resumed = run(tmp_path / "part", 3, resume=True)
+    for mine, theirs in ((resumed.model, full.model), (resumed.ema_teacher.module, full.ema_teacher.module)):
+        a, b = params(mine), params(theirs)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in resumed.state.log_history if "loss" in h] == \
+        [h["loss"] for h in full.state.log_history if "loss" in h]

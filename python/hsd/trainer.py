@@ -508,9 +508,12 @@ class HSDTrainer(Trainer):
 
     def _step(self, model, inputs: dict, **overrides) -> tuple[StepOutput, torch.Tensor]:
         teacher_model = self.ema_teacher if self.args.teacher == "ema" else None
-        return step_through(model, inputs, self.loss_fn, module=self.accelerator.unwrap_model(model),
-                            teacher=self.args.teacher, teacher_model=teacher_model,
-                            strategy=self.args.teacher_strategy, **overrides)
+        # accelerate's mixed precision wraps the model's own forward, which the step replaces:
+        # enter its autocast here (a no-op without --bf16/--fp16)
+        with self.accelerator.autocast():
+            return step_through(model, inputs, self.loss_fn, module=self.accelerator.unwrap_model(model),
+                                teacher=self.args.teacher, teacher_model=teacher_model,
+                                strategy=self.args.teacher_strategy, **overrides)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The hindsight loss of one micro-batch, scaled so that the micro-batches of an
