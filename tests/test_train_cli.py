@@ -113,6 +113,7 @@ def test_lora_run(assets, tmp_path):
     ({"model_name_or_path": "softcapped"}, "transforms its logits"),
     ({"tokenizer_name_or_path": "plain_tokenizer"}, "no chat template"),
     ({"model_name_or_path": "./no/such/model"}, "no such model directory"),
+    ({"resume_from_checkpoint": "true"}, "no checkpoint-* directory"),
 ])
 def test_bad_configs_fail_before_weights_load(assets, tmp_path, monkeypatch, capsys, extra, message):
     base, model_dir, data = assets

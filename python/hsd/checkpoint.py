@@ -120,5 +120,5 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
         if child.is_dir() and is_temporary(child):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
-            logger.warning("hsd: removed an unfinished checkpoint write %s", child)
+            logger.warning("removed an unfinished checkpoint write %s", child)
     return removed

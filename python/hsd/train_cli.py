@@ -172,7 +172,7 @@ def _load_data(data_args: DataArguments, tokenizer, args):
                                        limit=data_args.dataset_limit, report=report)
     tuples = list(extract_tuples(conversations, args.filter_config(), report))
     examples = build_examples(tuples, tokenizer, args, report)
-    logger.info("hsd: data\n%s", report.summary())
+    logger.info("data report:\n%s", report.summary())
     return examples
 
 
@@ -199,10 +199,14 @@ def _load_model(model_args: ModelArguments):
     return model
 
 
-def _resume_value(value):
+def _resume_value(value, output_dir: str):
     if value is None or value == "":
         return None
     if str(value).lower() in ("true", "last", "latest"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if not os.path.isdir(output_dir) or get_last_checkpoint(output_dir) is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-* directory in {output_dir}")
         return True
     if not Path(value).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint directory")
@@ -213,7 +217,7 @@ def run_train(argv: list[str], callbacks=None) -> int:
     """Parse, check, load, train; returns the exit code (0 done, 130 stopped by SIGINT after
     saving). ``callbacks``: extra ``TrainerCallback`` objects (for embedding and tests)."""
     model_args, data_args, args = parse_train_args(argv)
-    resume = _resume_value(args.resume_from_checkpoint)
+    resume = _resume_value(args.resume_from_checkpoint, args.output_dir)
     # everything that can fail without weights, cheapest first
     _check_model_config(model_args, args)
     tokenizer = _load_tokenizer(model_args)
@@ -230,7 +234,7 @@ def run_train(argv: list[str], callbacks=None) -> int:
         return 130
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
-        logger.info("hsd: model saved to %s", args.output_dir)
+        logger.info("model saved to %s", args.output_dir)
     return 0
 
 

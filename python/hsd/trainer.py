@@ -271,7 +271,7 @@ def build_examples(source, tokenizer, args: HSDConfig, report: DataReport | None
     if not examples:
         raise ValueError(f"no training examples from the data ({report.records_read} records read, "
                          f"{report.tuples_kept} tuples kept); see the data report: hsd data inspect")
-    logger.info("hsd: %d %s examples from %d records (%d tuples kept)", len(examples), args.layout,
+    logger.info("%d %s examples from %d records (%d tuples kept)", len(examples), args.layout,
                 report.records_read, report.tuples_kept)
     return HindsightExamples(examples, report)
 
@@ -319,7 +319,7 @@ class TokenBudgetBatchSampler(Sampler):
             else:
                 batches.append(current)
         if too_long:
-            logger.warning("hsd: %d example(s) are longer than max_tokens_per_batch=%s and form batches of their own",
+            logger.warning("%d example(s) are longer than max_tokens_per_batch=%s and form batches of their own",
                            too_long, max_tokens)
         self.batches = batches
 
@@ -417,7 +417,7 @@ class _HSDCallback(TrainerCallback):
             self.trainer.interrupted = True
             control.should_save = True
             control.should_training_stop = True
-            logger.warning("hsd: stopping at step %d after saving a checkpoint", state.global_step)
+            logger.warning("stopping at step %d after saving a checkpoint", state.global_step)
         return control
 
 
@@ -488,7 +488,7 @@ class HSDTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("HSDTrainer: training requires a train_dataset")
         sampler = self._train_batch_sampler()
-        logger.info("hsd: %d batches per epoch and process group, student padding %.1f%%", len(sampler),
+        logger.info("%d batches per epoch (all processes together), student padding %.1f%%", len(sampler),
                     100 * sampler.padding_fraction)
         loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers,
@@ -635,7 +635,7 @@ class HSDTrainer(Trainer):
         if self._stop_requested:
             raise KeyboardInterrupt
         self._stop_requested = True
-        logger.warning("hsd: interrupt received; finishing this step, saving a checkpoint, then stopping "
+        logger.warning("interrupt received; finishing this step, saving a checkpoint, then stopping "
                        "(interrupt again to abort without saving)")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
