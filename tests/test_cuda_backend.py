@@ -357,3 +357,30 @@ def test_out_dtype_probe_lets_out_of_memory_through(monkeypatch):
     # CPU torch has no mm(out_dtype=): probed once, answered False (and logged)
     assert cuda_backend._out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16) is False
     assert cuda_backend._OUT_DTYPE_MM == {("cpu", torch.bfloat16): False}
+
+
+def _full_term_twin(lps, lpt, alpha):
+    """full_term of hindsight_rows.cu for alpha in {0, 1} (float32): the entry's share of D."""
+    inf = torch.tensor(float("inf"))
+    if alpha == 1.0:
+        value = torch.where(lpt == -inf, inf, lps.exp() * (lps - lpt))
+        return torch.where(lps == -inf, 0.0, value)
+    value = torch.where(lps == -inf, inf, lpt.exp() * (lpt - lps))
+    return torch.where(lpt == -inf, 0.0, value)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_cuda_full_term_twin_underflow_against_minus_inf(alpha):
+    """Full mode: the side whose probability underflows in float32 (log p = -200) against the
+    other side's -inf gives +inf, as the float64 definition (0 * inf = NaN before)."""
+    s, t = torch.zeros(1, 40), torch.zeros(1, 40)
+    if alpha == 1.0:
+        s[0, 5], t[0, 5] = -200.0, float("-inf")
+    else:
+        t[0, 5], s[0, 5] = -200.0, float("-inf")
+    lps, lpt = torch.log_softmax(s, -1)[0], torch.log_softmax(t, -1)[0]
+    assert (lps if alpha == 1.0 else lpt)[5].exp() == 0  # underflows in float32
+    div = _full_term_twin(lps, lpt, alpha).sum()
+    ref = reference.logits(s.double(), t.double(), None, torch.ones(1), None,
+                           DivergenceSpec(mode=FULL, alpha=alpha), False)
+    assert div == float("inf") and ref[1][0, 3] == float("inf")
