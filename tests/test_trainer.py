@@ -214,3 +214,14 @@ def test_ema_teacher_resumes_exactly(tmp_path, tok):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in resumed.state.log_history if "loss" in h] == \
         [h["loss"] for h in full.state.log_history if "loss" in h]
+
+
+def test_evaluate_reports_the_hindsight_loss(tmp_path, tok):
+    model = tiny_model(tok)
+    args = config(tmp_path, per_device_eval_batch_size=64, layout="tuple")  # one eval batch
+    trainer = HSDTrainer(model, args, train_dataset=ROWS, eval_dataset=ROWS[:3], processing_class=tok)
+    metrics = trainer.evaluate()
+    collate = hsd.data.HindsightCollator.from_tokenizer(tok)
+    with torch.no_grad():
+        expected = hsd.hindsight_step(model, collate(trainer.eval_dataset.examples)).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -497,7 +497,13 @@ class HSDTrainer(Trainer):
 
     # ---- the loss
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """The Trainer's micro-batches of one accumulation window, with hsd's own item counts
+        (the Trainer counts only ``labels``, which hsd's batches do not have)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        return batch_samples, self._window_counts(batch_samples, self.args.device)
+
+    def _window_counts(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Scored tokens and live sequences of the whole accumulation window, summed over ranks."""
         tokens = sum(int(b["target_ids"].numel()) for b in batch_samples)
         sequences = sum(_live_sequences(b) for b in batch_samples)
@@ -528,6 +534,8 @@ class HSDTrainer(Trainer):
                 loss = loss * (_live_sequences(inputs) / max(int(window[1]), 1))
         if window is not None:
             loss = loss * self.accelerator.num_processes
+        elif model.training:  # no window counts (a custom loop around this method): the Trainer's scaling
+            loss = loss / getattr(self, "current_gradient_accumulation_steps", 1)
         if model.training:
             self._record(inputs, out)
         return (loss, out) if return_outputs else loss
