@@ -200,6 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
     at::Tensor h = hidden_buf.narrow(0, 0, len), th = hidden_buf.narrow(0, len, len);
     h.copy_(student_hidden.narrow(0, i, len));
     if (same_logits) {
+      // a copy: the row kernels overwrite the student's rows with their gradient
       project(s, h, w, b);
       t.copy_(s);
     } else if (shared_head) {

@@ -162,6 +162,27 @@ def test_fused_computes_only_the_gradients_asked_for(needs):
         assert rel_err(out[0], expected[0]) <= 1e-10
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("given_advantage", [True, False], ids=["advantage", "no-advantage"])
+def test_fused_teacher_identical_to_student(dtype, given_advantage):
+    """The student's inputs on both sides (hsd.loss's centred weight-gradient pass) run one
+    GEMM a chunk and copy it to the teacher's side; the result is the definition's."""
+    inputs = cast(make_fused(11, 16, 301), dtype)
+    inputs["teacher_hidden"] = inputs["student_hidden"]
+    inputs["teacher_weight"], inputs["teacher_bias"] = inputs["weight"], inputs["bias"]
+    inputs["advantage"] = torch.randn(11, dtype=torch.float32) if given_advantage else None
+    tol = 1e-10 if dtype == torch.float64 else FP32_TOL
+    for spec in (DivergenceSpec(mode=SAMPLED, temperature=1.3), DivergenceSpec(mode=SAMPLED)):
+        expected = run_fused(reference, cast(inputs, torch.float64), spec)
+        actual = run_fused(cpu, inputs, spec)
+        assert torch.all(actual[1][:, 2:] == 0)  # A = 0 exactly
+        if not given_advantage:
+            assert torch.all(actual[0] == 0) and torch.all(actual[2] == 0)
+            continue
+        assert_matches(actual, expected, tol, FUSED_NAMES)
+        assert torch.all(actual[2][inputs["coef"] == 0] == 0)
+
+
 def test_op_returns_empty_tensors_for_gradients_not_asked_for():
     args = list(op_args())
     args[-3:] = [False, True, False]
