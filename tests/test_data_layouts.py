@@ -13,6 +13,7 @@ from hsd.data import (
     conversation_tuples,
     extract_tuples,
     group_by_conversation,
+    iter_examples,
     read_conversations,
     tokenize_conversation,
     tokenize_tuple,
@@ -370,3 +371,125 @@ def test_conversation_record_targets_only_the_logged_completion(tokenizers):
     (ex,) = tokenize_conversation([t], tokenizers["chatml"], "offline", NO_LIMIT)
     assert [p.turn_index for p in ex.tuples] == [1]
     assert decode(tokenizers["chatml"], ex.input_ids).endswith("It works.<|im_end|>")
+
+
+# ---- windows, cost, bad records -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_conversation():
+    from hsd.data.testing import synthetic_conversation
+
+    messages = synthetic_conversation(24, seed=7, user_words=(3, 20), assistant_words=(10, 60))
+    return conversation_tuples(Conversation(messages, id="long"))
+
+
+@pytest.mark.parametrize("style", ["chatml", "qwen3"])
+def test_windows_share_and_give_every_reply_half_a_window_of_context(tokenizers, long_conversation, style):
+    tok, tuples = tokenizers[style], long_conversation
+    (whole,) = tokenize_conversation(tuples, tok, "offline", NO_LIMIT)
+    history = {p.turn_index: whole.position_ids[p.response_start] for p in whole.tuples}
+    max_length = 1024
+    report = DataReport()
+    windows = tokenize_conversation(tuples, tok, "offline", LayoutConfig(max_length=max_length), report)
+    assert len(windows) >= 3 and "window_context_below_half" not in report.adjusted
+    assert [p.turn_index for w in windows for p in w.tuples] == [t.turn_index for t in tuples]
+    for w in windows:
+        assert len(w.input_ids) <= max_length  # branches included
+        for k, p in enumerate(w.tuples):
+            context = w.position_ids[p.response_start]
+            assert context >= min(history[p.turn_index], max_length // 2)
+            t = tuples[p.turn_index]
+            per_tuple = tokenize_tuple(tuple_with(t.x[w.first_message :], t.y, t.o), tok, "offline", NO_LIMIT)
+            assert w.student_context(k) == per_tuple.student_ids
+            assert w.input_ids[: p.prefix_offset] + p.teacher_suffix_ids == per_tuple.teacher_ids
+    # The ratio is counted: every window's ids (branches included) over the conversation's.
+    assert report.student_tokens == sum(len(w.input_ids) for w in windows)
+    assert report.conversation_tokens == whole.trunk_len  # the conversation, once
+    per_tuple_tokens = sum(len(whole.student_context(k)) for k in range(len(whole.tuples)))
+    assert report.student_tokens < per_tuple_tokens / 2
+    if style == "chatml":
+        # Windows overlap by about half a window: about 2x the conversation's tokens.
+        assert 1.0 < report.student_token_ratio < 2.3
+
+
+def test_tokenisation_grows_linearly_with_turns(tokenizers):
+    # Count what is encoded and rendered, not seconds: doubling the turns at most ~doubles both.
+    from hsd.data.render import ChatRenderer
+    from hsd.data.testing import synthetic_conversation
+
+    tok = tokenizers["chatml"]
+    r = ChatRenderer.for_tokenizer(tok)
+    counts = {}
+    encode, render = r.encode, r.render
+
+    def counting_encode(text, split=False):
+        counts["encoded"] += len(text)
+        return encode(text, split)
+
+    def counting_render(messages, generation_prompt, where):
+        text = render(messages, generation_prompt, where)
+        counts["rendered"] += len(text)
+        return text
+
+    r.encode, r.render = counting_encode, counting_render
+    try:
+        per_turns = {}
+        for turns in (20, 40, 80):
+            messages = synthetic_conversation(turns, seed=turns, user_words=(3, 20), assistant_words=(10, 60))
+            tuples = conversation_tuples(Conversation(messages, id=f"c{turns}"))
+            for layout, run in (
+                ("packed", lambda: tokenize_conversation(tuples, r, "offline", LayoutConfig(max_length=512))),
+                ("tuple", lambda: [tokenize_tuple(t, r, "offline", LayoutConfig()) for t in tuples]),
+            ):
+                r.clear_cache()
+                counts.update(encoded=0, rendered=0)
+                run()
+                per_turns[layout, turns] = dict(counts)
+    finally:
+        del r.encode, r.render
+    for layout in ("packed", "tuple"):
+        for key in ("encoded", "rendered"):
+            assert per_turns[layout, 80][key] <= 2.3 * per_turns[layout, 40][key], (layout, key, per_turns)
+            assert per_turns[layout, 40][key] <= 2.3 * per_turns[layout, 20][key], (layout, key, per_turns)
+    # Each message is encoded about once in either layout (the history is never re-encoded).
+    assert per_turns["packed", 80]["encoded"] <= 1.5 * per_turns["tuple", 80]["encoded"]
+
+
+def test_iter_examples_skips_bad_records_by_reason(tokenizers):
+    tok = tiny_chat_tokenizer("gemma")  # role rules, no system role
+    good = tuple_with([{"role": "user", "content": "Write code."}], "Here.", "Thanks.", "good")
+    two_users = tuple_with([{"role": "user", "content": "Hi."}, {"role": "user", "content": "Write code."}],
+                           "Ok.", "Thanks.", "two-users")
+    system = tuple_with([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write."}],
+                        "Ok.", "More.", "system")
+    greeting = tuple_with([{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Write code."}],
+                          "Ok.", "Thanks.", "greeting", 1)
+    broken = tuple_with([{"role": "user", "content": "Write code."}], "Ok.", "Thanks.", "broken")
+    broken.y = None  # modified after it was built
+    records = [good, two_users, system, greeting, broken]
+    for layout in ("tuple", "packed"):
+        report = DataReport()
+        examples = list(iter_examples(records, tok, "offline", NO_LIMIT, layout, report, on_error="skip"))
+        # The conversation that opens with an assistant message is kept (the greeting is dropped).
+        assert [e.conversation_id for e in examples] == ["good", "greeting"]
+        assert report.skipped_records == {"template_error": 2, "invalid_tuple": 1}
+        assert report.skipped_locations["template_error"] == ["conversation 'two-users' turn 0", "conversation 'system' turn 0"] \
+            if layout == "tuple" else ["conversation 'two-users'", "conversation 'system'"]
+        assert "broken" in report.skipped_locations["invalid_tuple"][0]
+    with pytest.raises(ChatTemplateError, match="two-users.*alternate"):
+        list(iter_examples(records, tok, "offline", NO_LIMIT, "packed"))
+    with pytest.raises(ValueError, match="on_error"):
+        list(iter_examples(records, tok, on_error="ignore"))
+
+
+@pytest.mark.parametrize("style", ["chatml", "llama3", "qwen3"])
+def test_packed_layout_accepts_a_conversation_that_opens_with_an_assistant_message(tokenizers, style):
+    x = [{"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Write code."},
+         {"role": "assistant", "content": "Here it is."}, {"role": "user", "content": "Explain it."}]
+    t0 = tuple_with(x[:2], x[2]["content"], x[3]["content"], "greet", 1)
+    t1 = tuple_with(x, "It works.", "Thanks.", "greet", 2)
+    (ex,) = tokenize_conversation([t0, t1], tokenizers[style], "offline", NO_LIMIT)
+    assert ex.first_message == 1 and "Hello!" not in decode(tokenizers[style], ex.input_ids)
+    for k, t in enumerate([t0, t1]):
+        assert ex.student_context(k) == tokenize_tuple(t, tokenizers[style], "offline", NO_LIMIT).student_ids

@@ -12,10 +12,23 @@ common prefix of the student and teacher tokenisations), never assumed from the 
 Truncation (METHOD.md §2): per-tuple, the history is cut once from the left by whole messages
 (first to ``history_messages``, then until the student prompt fits ``max_prompt_tokens``), so
 the student and teacher see the same history; the hindsight block has ``max_followup_tokens``
-and y + end-of-turn ``max_response_tokens``. Packed, a conversation longer than ``max_length``
-is split into windows that start at a message boundary. A response over its budget is never
-cut: the tuple is dropped and counted (``response_over_budget``, ``prompt_over_budget``,
+and y + end-of-turn ``max_response_tokens``. A leading assistant message of x is dropped in
+both layouts (the paper; templates with role rules could not render it). Packed, a
+conversation longer than ``max_length`` is split into windows that start at a user message:
+each window holds at most ``max_length`` student tokens (branches included), every scored reply
+sees at least ``min(its whole history, max_length // 2)`` tokens of context, and the windows are
+chosen for the fewest student tokens in total (``DataReport.student_token_ratio``: about 2x the
+conversation's tokens; a little more when turns are long, since a window can only end after a
+whole reply and start before a whole user message). A response over its budget is never cut:
+the tuple is dropped and counted (``response_over_budget``, ``prompt_over_budget``,
 ``window_over_budget``, ``followup_over_budget``).
+
+Scored ids (both layouts): a reply's ids are the tokenizer's ids for the text between the end
+of the generation prompt and the end-of-turn token (with the whitespace a template adds, e.g.
+Mistral's ``' ' + reply``), then the end-of-turn token; message contents are encoded with
+special tokens split. Caveat: sequences are tokenised in segments cut at message contents, which
+can differ from one whole-text encode where BPE would merge across a cut (a newline between a
+header and a reply, say); both layouts, student and teacher, use the same cuts.
 """
 
 from __future__ import annotations
@@ -231,7 +244,7 @@ class ConversationExample:
             self.trunk_len = len(self.input_ids) - sum(b.end - b.start for b in self.student_branches)
         expected = self.trunk_len
         for b in self.student_branches:
-            if b.start != expected or b.end <= b.start or not 1 <= b.attach <= self.trunk_len:
+            if b.start != expected or b.end <= b.start or not 0 <= b.attach <= self.trunk_len:
                 raise ValueError(
                     f"student branch {b} does not follow the trunk ({self.trunk_len} tokens) and the branches before it"
                 )

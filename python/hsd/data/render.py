@@ -125,7 +125,8 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self._segments: dict[tuple[str, bool], list[int]] = {}
-        self._max_segments = 1024
+        self._segment_tokens = 0
+        self._max_segment_tokens = 1 << 18  # ~10 MB of ids: more than a long conversation
         self._fast = self._compiled_template()
         self._fast_checks = 16  # renders compared with apply_chat_template before trusting the direct path
         self.special_tokens = self._special_token_strings()
@@ -274,6 +275,7 @@ class ChatRenderer:
     def clear_cache(self) -> None:
         """Forget the memoised segment ids (benchmarks time cold tokenisation with it)."""
         self._segments.clear()
+        self._segment_tokens = 0
 
     def _encode_segment(self, text: str, split_special_tokens: bool) -> list[int]:
         """:meth:`encode` memoised: under the cut rule a segment's ids depend on its text alone,
@@ -282,9 +284,12 @@ class ChatRenderer:
         key = (text, split_special_tokens)
         ids = self._segments.get(key)
         if ids is None:
-            if len(self._segments) >= self._max_segments:
+            ids = self.encode(text, split_special_tokens)
+            if self._segment_tokens + len(ids) > self._max_segment_tokens:
                 self._segments.clear()  # bounded: conversations stream through
-            ids = self._segments[key] = self.encode(text, split_special_tokens)
+                self._segment_tokens = 0
+            self._segments[key] = ids
+            self._segment_tokens += len(ids)
         return ids
 
     def decode(self, ids) -> str:

@@ -11,6 +11,7 @@ its time grows linearly with the number of turns.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Iterable, Iterator
 
@@ -346,11 +347,16 @@ def _window_start(conv: _Conversation, starts: list[int], j: int, L: int) -> tup
     must give that reply: the latest user message leaving ``min(history, L // 2)`` tokens of
     context, or, for a reply too long for that, the earliest start that fits (None: none does)."""
     need = min(L // 2, conv.est_context(conv.first, j))
-    fitting = [s for s in starts if s < j and conv.est_length(s, [j]) <= L]
-    enough = [s for s in fitting if conv.est_context(s, j) >= need]
-    if enough:
-        return enough[-1], need
-    return (fitting[0] if fitting else None), need
+    earliest_fitting = None
+    # Walk back from j: later starts are shorter; stop once a start leaves enough context
+    # or no longer fits (so the walk is as long as one window, not the conversation).
+    for s in reversed(starts[: bisect.bisect_left(starts, j)]):
+        if conv.est_length(s, [j]) > L:
+            break
+        if conv.est_context(s, j) >= need:
+            return s, need
+        earliest_fitting = s
+    return earliest_fitting, need
 
 
 def _plan_windows(conv: _Conversation, replies: list[int], L: int, starts: list[int]) -> list[tuple[int, int, int]]:
@@ -408,34 +414,51 @@ def _plan_and_build(conv, tuples, followups, r, template, cfg, report) -> list[C
         j0 = group[0].message_index
         need = _window_start(conv, starts, j0, L)[1]
         built, contexts = _build_window(conv, s, group, followups, r, template, cfg, report, len(examples))
-        if built is not None and len(built.input_ids) <= L and (not contexts or contexts[0] >= need):
-            examples.append(built)
+        fits = built is not None and len(built.input_ids) <= L
+        predicted = conv.est_context(s, j0)
+        if fits and contexts and contexts[0] < need and predicted >= need and s != conv.first:
+            # The context estimate was high: learn by how much and plan the rest again.
+            bias = max(-8, conv.context_bias + contexts[0] - predicted)
+            if bias < conv.context_bias:
+                conv.context_bias = bias
+                plan = _plan_windows(conv, [t.message_index for t in pending], L, starts)
+                continue
+        if built is None or fits:
+            if fits and contexts and contexts[0] < need:
+                report.adjusted["window_context_below_half"] += 1  # a reply too long for it
+            if fits:
+                examples.append(built)
             pending, plan = pending[k:], [(s2, i2 - k, k2 - k) for s2, i2, k2 in plan[1:]]
             continue
-        if built is not None and contexts and contexts[0] < need and conv.context_bias > -8:
-            # The context estimate was high: learn by how much and plan the rest again.
-            conv.context_bias = max(-8, conv.context_bias + contexts[0] - conv.est_context(s, j0))
-            plan = _plan_windows(conv, [t.message_index for t in pending], L, starts)
-            continue
-        # The estimate was off: the first tuple alone, from the latest start that fits with
-        # enough context (else the most context that fits); then plan the rest again.
-        built = None
-        for s2 in sorted((s2 for s2 in starts if s2 < j0), reverse=True):
-            candidate, contexts = _build_window(conv, s2, group[:1], followups, r, template, cfg, report, len(examples))
-            if candidate is None:
+        # Too long (the estimate was short): fewer replies from the same start; else the first
+        # reply alone from the latest start that fits with enough context (else the most
+        # context that fits). Then plan the rest again.
+        used, built = 0, None
+        for size in range(len(group) - 1, 0, -1):
+            candidate, contexts = _build_window(conv, s, group[:size], followups, r, template, cfg, report, len(examples))
+            if candidate is None or len(candidate.input_ids) <= L:
+                used, built = size, candidate
                 break
-            if len(candidate.input_ids) > L:
-                break
-            built = candidate
-            if contexts[0] >= need:
-                break
-        if built is None and candidate is not None:
-            report.dropped_tuples["window_over_budget"] += 1
+        if not used:
+            used, dropped = 1, False
+            for s2 in sorted((s2 for s2 in starts if s2 < j0), reverse=True):
+                candidate, contexts = _build_window(conv, s2, group[:1], followups, r, template, cfg, report,
+                                                    len(examples))
+                if candidate is None:
+                    dropped = True  # a response budget dropped it (counted)
+                    break
+                if len(candidate.input_ids) > L:
+                    break
+                built = candidate
+                if contexts[0] >= need:
+                    break
+            if built is None and not dropped:
+                report.dropped_tuples["window_over_budget"] += 1
         if built is not None:
-            if built.tuples and built.position_ids[built.tuples[0].response_start] < need:
+            if built.position_ids[built.tuples[0].response_start] < need:
                 report.adjusted["window_context_below_half"] += 1
             examples.append(built)
-        pending = pending[1:]
+        pending = pending[used:]
         plan = _plan_windows(conv, [t.message_index for t in pending], L, starts) if pending else []
     return examples
 
