@@ -46,7 +46,7 @@ def test_train_yaml_and_commands(tmp_path, monkeypatch):
         ("packed", 16384, 2e-6, "paper")
     # every command line of the README parses as an `hsd` command
     commands = [line.split("#")[0].strip() for line in block("bash").splitlines() if line.strip()]
-    assert len(commands) == 4
+    assert len(commands) == 5
     parser = cli.build_parser()
     for command in commands:
         words = shlex.split(command)
