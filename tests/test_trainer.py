@@ -225,3 +225,21 @@ def test_evaluate_reports_the_hindsight_loss(tmp_path, tok):
     with torch.no_grad():
         expected = hsd.hindsight_step(model, collate(trainer.eval_dataset.examples)).loss
     assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_sources_an_hf_dataset_of_message_lists(tmp_path, tok):
+    datasets = pytest.importorskip("datasets")
+    conversations = [[{"role": m["role"], "content": m["content"]} for m in row["conversation"]] for row in ROWS]
+    dataset = datasets.Dataset.from_dict({"messages": conversations})
+    args = config(tmp_path)
+    from_dataset = build_examples(dataset, tok, args)
+    from_rows = build_examples(ROWS, tok, args)
+    assert [e.input_ids for e in from_dataset.examples] == [e.input_ids for e in from_rows.examples]
+    path = tmp_path / "rows.jsonl"  # a local file, as `hsd train` reads it
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert [e.input_ids for e in build_examples(str(path), tok, args).examples] == \
+        [e.input_ids for e in from_rows.examples]
+    with pytest.raises(ValueError, match="no training examples"):
+        build_examples([], tok, args)
