@@ -49,7 +49,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 try:
-    import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 except ImportError as _e:  # pragma: no cover - transformers is a dependency of the train extra
     raise ImportError("hsd.trainer needs transformers (pip install 'hsd[train]')") from _e
@@ -281,9 +280,10 @@ class TokenBudgetBatchSampler(Sampler):
 
     Examples are sorted by length (longest first) and cut greedily into batches whose padded
     size ``rows x longest`` stays within ``max_tokens`` (and at most ``max_batch_size`` rows)
-    and whose padding stays within ``max_padding`` of it (with a token budget). An example longer than the budget forms a batch of its own (with one warning). The batch
-    order is a seeded permutation per epoch (:meth:`set_epoch`), so a resumed run sees the same
-    batches in the same order.
+    and whose padding stays within ``max_padding`` of it (with a token budget). An example
+    longer than the budget forms a batch of its own (with one warning). The batch order is a
+    seeded permutation per epoch (:meth:`set_epoch`), so a resumed run sees the same batches in
+    the same order.
     """
 
     def __init__(self, lengths: Sequence[int], max_tokens: int | None = None, max_batch_size: int | None = None,
@@ -452,6 +452,8 @@ class HSDTrainer(Trainer):
         self.data_report = DataReport()
         if train_dataset is not None:
             train_dataset = build_examples(train_dataset, processing_class, args, self.data_report)
+            if train_dataset.report is not None:  # ready examples keep the report they were built with
+                self.data_report = train_dataset.report
         if eval_dataset is not None:
             eval_dataset = build_examples(eval_dataset, processing_class, args)
         if data_collator is None:
