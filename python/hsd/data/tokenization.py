@@ -153,7 +153,7 @@ def tokenize_tuple(
     followup = _fit_followup(r, template, t.o, cfg, report)
     if followup is None:
         return None
-    _check_messages(t.x, where)
+    _check_messages(t.x[:1] + t.x[-(cfg.history_messages or len(t.x)) - 1 :], where)  # what the cut reads
     history = _cut_history(t.x, cfg.history_messages)
     while True:
         if not history or history[-1]["role"] != USER:
