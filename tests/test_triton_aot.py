@@ -8,7 +8,8 @@ H200) on this CPU machine, for the variants :func:`kernel_variant` produces from
 options, with the pointer dtypes the two entry points pass. Registers and spills come from the
 cubin (``cuobjdump``); ``python tests/test_triton_aot.py`` prints the table.
 
-Cost: ~0.3 s per compile on a cold Triton cache (~/.triton/cache), near zero when warm. The
+Cost: ~0.3 s of CPU per compile on a cold Triton cache (~/.triton/cache; ~100 s for the
+default matrix, split over the cores), seconds when warm. The
 default matrix is every (mode, alpha kind, tail, gradient, bias) variant in the main GPU dtype
 (bf16 logits) for both architectures, every logits / gradient dtype pairing for each
 (mode, alpha kind, tail), and the remaining flags (targets, clips, advantages, ranking side)
@@ -219,22 +220,23 @@ def late_logit_loads(ptx: str) -> tuple[int, list[str]]:
             [head[i].strip() for i in scalar if i > bars[-1]])
 
 
-def worker() -> list[dict]:
-    """Compile the matrix and the race cases (run with TRITON_INTERPRET unset)."""
+def worker(shard: int = 0, shards: int = 1) -> list[dict]:
+    """Compile every ``shards``-th key of the matrix and of the race cases, from ``shard`` on
+    (run with TRITON_INTERPRET unset)."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiles need TRITON_INTERPRET unset"
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists() and "TRITON_PTXAS_PATH" not in os.environ:
         os.environ["TRITON_PTXAS_PATH"] = _tool("ptxas")  # e.g. the CUDA toolkit's
     mod = compiled_module()
     out = []
-    for key in matrix_keys():
+    for key in matrix_keys()[shard::shards]:
         row = dict(id=_id(key), arch=key[2], mode=dict(key[0])["MODE"])
         try:
             row["regs"], row["spills"], _ = compile_variant(key)
         except Exception as err:  # noqa: BLE001 - report every failing variant, not the first
             row["error"] = f"{type(err).__name__}: {str(err)[-1500:]}"
         out.append(row)
-    for arch, mode, alpha in RACE_CASES:
+    for arch, mode, alpha in RACE_CASES[shard::shards]:
         key = _key(mod, mode, alpha, False, True, False, ("fp32", "fp32", "fp32"), arch,
                    has_target=True, kl_clip=0.0)
         early, late = late_logit_loads(compile_variant(key)[2])
@@ -244,15 +246,23 @@ def worker() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def results():
-    """One compile subprocess per test session (its compiles land in Triton's disk cache)."""
+    """Compile subprocesses, one per core (at most 4), once per test session; the compiles also
+    land in Triton's disk cache, so a second session takes seconds."""
     if _tool("ptxas") is None:
         pytest.skip("no ptxas: neither in the triton wheel nor in a CUDA toolkit")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch default; silences 3.9's notice
-    proc = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True,
-                          env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    shards = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count() or 1))
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(i), str(shards)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(shards)]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=1800)
+        assert proc.returncode == 0, stderr[-4000:]
+        out += json.loads(stdout.strip().splitlines()[-1])
+    return out
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2], ids=["sampled", "full", "topk"])
@@ -281,7 +291,10 @@ def main():
     registers / spills table."""
     os.environ.pop("TRITON_INTERPRET", None)
     if "--worker" in sys.argv:
-        print(json.dumps(worker()))
+        i = sys.argv.index("--worker")
+        shard, shards = (int(sys.argv[i + 1]), int(sys.argv[i + 2])) if len(sys.argv) > i + 2 \
+            else (0, 1)
+        print(json.dumps(worker(shard, shards)))
         return
     rows = [r for r in worker() if "id" in r]
     print(f"{'variant':62s} {'regs':>5s} {'spill B':>8s}")
