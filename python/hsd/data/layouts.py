@@ -49,11 +49,14 @@ class LayoutConfig:
         max_prompt_tokens: per-tuple budget of the student prompt (history + generation prompt).
         max_followup_tokens: budget of the rendered hindsight block.
         max_response_tokens: budget of y plus its end-of-turn token.
-        max_length: packed layout: longest student sequence; longer conversations are windowed.
+        max_length: packed layout: most student tokens in one example (trunk plus student
+            branches); longer conversations are windowed (see the module docstring).
         ignore_first_k: the first k tokens of y are not scored (paper: 2); end-of-turn always is.
         followup_overflow: ``"drop"`` the tuple, or ``"truncate"`` the follow-up to its budget.
         chat_template_kwargs: passed to the chat template (e.g. ``{"enable_thinking": False}``).
-        end_of_turn_token: token closing a reply (default ``tokenizer.eos_token``).
+        end_of_turn_token: token closing a reply; by default read from the chat template (the
+            special token it writes after a probe reply: ``<|im_end|>``, ``<|eot_id|>``, Gemma's
+            ``<end_of_turn>``, Phi-3's ``<|end|>``), else ``tokenizer.eos_token``.
     """
 
     history_messages: int | None = 5

@@ -290,7 +290,6 @@ def _build_window(conv, first, window_tuples, followups, r, template, cfg, repor
         attach = common_prefix_len(student.ids, trunk_ids)
         if attach == len(student.ids):  # the student's context is a prefix of the trunk
             start, end = prompt_len, len(student.ids)
-            context = prompt_len
         else:
             # A student branch: the student's ids after the trunk, attached where they part
             # (at least one token before y, so y's first prediction row is in the branch).
@@ -299,7 +298,6 @@ def _build_window(conv, first, window_tuples, followups, r, template, cfg, repor
             input_ids.extend(student.ids[attach:])
             branches.append(branch)
             start, end = branch.start + prompt_len - attach, branch.end
-            context = prompt_len
         teacher_ids, teacher_prompt_len = _teacher(
             r, template, window[:j], followups[t.message_index], t.y, response_ids, where, trunk
         )
@@ -317,7 +315,7 @@ def _build_window(conv, first, window_tuples, followups, r, template, cfg, repor
                 response_mask=_response_mask(len(response_ids), cfg.ignore_first_k),
             )
         )
-        contexts.append(context)
+        contexts.append(prompt_len)  # the reply's position id: tokens of context before it
     if not packed:
         return None, contexts
     # Trunk tokens that no scored reply, branch or teacher prefix uses are not kept.
