@@ -26,7 +26,7 @@ def run_smoke(tmp_path, *extra):
                              "--json", str(out), *extra], capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "target:" in result.stdout and "naive" in result.stdout
+    assert "target (wall time" in result.stdout and "target (cpu time)" in result.stdout
     return json.loads(out.read_text())
 
 
@@ -44,12 +44,12 @@ def test_smoke_report_has_every_row(tmp_path, template, isolate):
     if template == "qwen3":
         assert report["args"]["template"] == "qwen3"
     for name, row in rows.items():
-        assert row["time_s"] > 0 and len(row["times_s"]) == 1, name
+        assert row["time_s"] > 0 and len(row["times_s"]) == 1 and row["cpu_s"] > 0, name
         assert row["flops"] > 0 and row["student_tokens"] > 0 and math.isfinite(row["loss"]), name
         assert row["peak_bytes"] > 0, name
         assert set(row) >= {"time_vs_naive", "flops_vs_naive", "step_bytes_vs_naive", "tokens_vs_naive",
                             "teacher_tokens", "teacher_tokens_saved", "phases_s"}, name
-        assert "backward" in row["phases_s"], name
+        assert "backward" in row["phases_s"] and "other" in row["cpu_phases_s"], name
     naive, tup = rows["naive"], rows["hsd-tuple"]
     assert naive["time_vs_naive"] == 1.0
     # the per-tuple step computes the naive loss, with fewer teacher tokens (the prefix is reused)
@@ -63,6 +63,10 @@ def test_smoke_report_has_every_row(tmp_path, template, isolate):
     assert rel(masked["loss"], naive["loss"]) < 1e-4
     assert rows["sft"]["teacher_tokens"] == 0 and rows["sft"]["loss"] > 0
     targets = report["targets"]
+    assert targets["clock"] == "wall" and set(targets["by_clock"]) == {"wall", "cpu"}
     assert targets["best_packed_row"] in ("hsd-packed-masked", "hsd-packed-loop")
     assert targets["packed_vs_naive_limit"] == {"chatml": 0.35, "qwen3": 0.45}[template]
+    best = rows[targets["best_packed_row"]]
+    assert targets["packed_vs_naive"] == pytest.approx(best["time_s"] / naive["time_s"])
+    assert targets["met_vs_sft"] == (best["time_s"] <= rows["sft"]["time_s"])
     assert {"naive", "hsd-tuple", "sft"} <= set(rows) and report["model"]["vocab_size"] == 32000
