@@ -99,3 +99,20 @@ def test_inspect_refuses_an_empty_followup(monkeypatch, capsys, model_dir):
     monkeypatch.setattr(sys, "stdin", io.StringIO("not json"))
     assert main(["inspect", "--model", str(model_dir)]) == 2
     assert "not a JSON object" in capsys.readouterr().err
+
+
+def test_inspect_with_a_saved_user_adapter(monkeypatch, capsys, model_dir, tmp_path, tok):
+    pytest.importorskip("peft")
+    from hsd.online import OnlineConfig, OnlineDistiller
+
+    d = OnlineDistiller(transformers.AutoModelForCausalLM.from_pretrained(model_dir), tok,
+                        OnlineConfig(lora_r=4, lora_alpha=8, lr=5e-2, seed=0))
+    d.learn(X, Y, O)
+    adapter = d.save_user(tmp_path, "alice")
+    results = []
+    for extra in ([], ["--adapter", str(adapter)]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"x": X, "y": Y, "o": O})))
+        assert main(["inspect", "--model", str(model_dir), "--json", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["token_ids"] == results[1]["token_ids"]
+    assert results[0]["student_logp"] != results[1]["student_logp"]  # the adapter is applied

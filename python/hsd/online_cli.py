@@ -247,9 +247,13 @@ def _inspect(args) -> int:
         x, y, o = t.x, t.y, t.o
     model, tokenizer = _load(args)
     if args.adapter:
+        import warnings
+
         import peft
 
-        model = peft.PeftModel.from_pretrained(model, args.adapter).eval()
+        with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5 deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = peft.PeftModel.from_pretrained(model, args.adapter).eval()
     from .data import LayoutConfig
 
     layout = LayoutConfig(history_messages=None, ignore_first_k=0, chat_template_kwargs=args.chat_template_kwargs)
