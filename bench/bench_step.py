@@ -717,7 +717,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     p.add_argument("--template", choices=sorted(TEMPLATE_KWARGS), default="chatml")
-    p.add_argument("--rounds", type=int, default=5, help="user/assistant exchanges (= tuples), 1 to 8")
+    p.add_argument("--rounds", type=int, default=None, help="user/assistant exchanges (= tuples), 1 to 8 (default 5)")
     p.add_argument("--conversations", type=int, default=1, help="conversations per batch")
     p.add_argument("--user-tokens", type=_token_range, default=(60, 300), metavar="LOW-HIGH")
     p.add_argument("--assistant-tokens", type=_token_range, default=(150, 600), metavar="LOW-HIGH")
@@ -740,16 +740,18 @@ def parse_args(argv=None):
                    help="how workers start (default: fork on a CPU, spawn for CUDA)")
     p.add_argument("--breakdown", action="store_true", help="also time the phases of each step")
     p.add_argument("--smoke", action="store_true",
-                   help="check the script: 1 round, 1 step, tiny lengths, in this process")
+                   help="check the script: 1 round (unless --rounds), 1 step, tiny lengths, in this process "
+                        "(unless --isolate)")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--verbose", action="store_true", help="print each step's time to stderr")
     args = p.parse_args(argv)
     if args.smoke:
-        args.rounds, args.steps, args.warmup = 1, 1, 1
+        args.rounds, args.steps, args.warmup = args.rounds or 1, 1, 1
         args.user_tokens, args.assistant_tokens = (8, 16), (12, 24)
         args.isolate = args.isolate or "none"
         args.breakdown = True
     args.isolate = args.isolate or "process"
+    args.rounds = args.rounds or 5
     if not 1 <= args.rounds <= 8:
         p.error("--rounds must be 1 to 8")
     if args.steps < 1 or args.warmup < 0 or args.conversations < 1:
