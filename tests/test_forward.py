@@ -422,3 +422,17 @@ def test_flex_attention_step_matches_sdpa(tok, tuples):
     a = hindsight_hidden_states(flex, batch, strategy="masked")
     b = hindsight_hidden_states(sdpa, batch, strategy="masked")
     assert rel(a.teacher, b.teacher) <= 1e-4 and rel(a.student.detach(), b.student.detach()) <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["packed", "tuple"])
+def test_ema_teacher_counts(tok, tuples, layout):
+    """The EMA teacher encodes each row's prefix once (up to its longest offset) and reuses it."""
+    examples = examples_for(tuples, tok, layout)
+    batch = HindsightCollator.from_tokenizer(tok)(examples)
+    model = make_model("llama", len(tok))
+    hs = hindsight_hidden_states(model, batch, teacher="ema", teacher_model=EMATeacher(model, 0.1))
+    tb = TreeBatch.from_batch(batch)
+    longest = [max(int(o) for o, r in zip(tb.teacher_prefix_offsets, tb.teacher_batch_index) if int(r) == row)
+               for row in range(tb.input_ids.shape[0])]
+    assert hs.counts["teacher_tokens_saved"] == int(tb.teacher_prefix_offsets.sum()) - sum(longest) >= 0
+    assert hs.counts["teacher_tokens"] >= int(tb.suffix_lengths.sum()) + sum(longest)

@@ -659,13 +659,17 @@ def hindsight_hidden_states(
             teacher_hidden, teacher_tokens = _teacher_full(teacher_view, tb)
             saved = 0
         else:
-            prefill_tokens = 0
+            prefill_tokens = needed_prefix = 0
             if layers is None:  # ema/base teacher: its own prefix, once per row, without grad
                 layers, prefill_tokens = _prefill(teacher_view, tb)
+                # what the branches need once per row (its longest offset), the rest is reused
+                longest = torch.zeros_like(tb.trunk_lengths).scatter_reduce(
+                    0, tb.teacher_batch_index, tb.teacher_prefix_offsets, "amax")
+                needed_prefix = int(longest.sum())
             run = _teacher_masked if chosen == "masked" else _teacher_loop
             teacher_hidden = run(teacher_view, tb, layers)
             teacher_tokens += prefill_tokens
-            saved = prefix_tokens - prefill_tokens
+            saved = prefix_tokens - needed_prefix
     counts = {
         "student_tokens": int(tb.attention_mask.sum()),
         "teacher_tokens": teacher_tokens,
