@@ -543,7 +543,8 @@ def iter_examples(
             return None
 
     for group in _groups(tuples, on_error, report):
-        texts = [m.get("content") for m in group[-1].full_history] + [t.y for t in group] + [t.o for t in group]
+        texts = [m.get("content") if isinstance(m, dict) else None for m in group[-1].full_history]
+        texts += [t.y for t in group] + [t.o for t in group]
         if any(isinstance(s, str) and r.contains_special_text(s) for s in texts):
             report.records_with_special_tokens += 1
         if layout == "tuple":
