@@ -493,3 +493,17 @@ def test_packed_layout_accepts_a_conversation_that_opens_with_an_assistant_messa
     assert ex.first_message == 1 and "Hello!" not in decode(tokenizers[style], ex.input_ids)
     for k, t in enumerate([t0, t1]):
         assert ex.student_context(k) == tokenize_tuple(t, tokenizers[style], "offline", NO_LIMIT).student_ids
+
+
+def test_both_layouts_report_the_student_token_ratio(tokenizers, long_conversation):
+    tok = tokenizers["chatml"]
+    reports = {}
+    for layout in ("tuple", "packed"):
+        reports[layout] = DataReport()
+        examples = list(iter_examples(long_conversation, tok, "offline", NO_LIMIT, layout, reports[layout]))
+        ids = [e.student_ids if layout == "tuple" else e.input_ids for e in examples]
+        assert reports[layout].student_tokens == sum(len(i) for i in ids)
+    # The same conversation, counted once, in both; the per-tuple layout repeats its history.
+    assert reports["tuple"].conversation_tokens == reports["packed"].conversation_tokens > 0
+    assert reports["packed"].student_token_ratio == 1.0
+    assert reports["tuple"].student_token_ratio > 5

@@ -548,14 +548,28 @@ def iter_examples(
         if any(isinstance(s, str) and r.contains_special_text(s) for s in texts):
             report.records_with_special_tokens += 1
         if layout == "tuple":
+            built = 0
             for t in group:
                 example = guarded(lambda: tokenize_tuple(t, r, template, cfg, report), _where(t), 1)
                 if example is not None:
+                    built += 1
                     yield example
+            if built:
+                report.conversation_tokens += _conversation_tokens(r, group)
         else:
             examples = guarded(lambda: tokenize_conversation(group, r, template, cfg, report), _where(group[0], False),
                                len(group))
             yield from examples or []
+
+
+def _conversation_tokens(r: ChatRenderer, group: list[InteractionTuple]) -> int:
+    """Tokens of the conversation up to its last scored reply, rendered once (the per-tuple
+    layout's DataReport ratio; its contents' ids are memoised already, so this costs a render)."""
+    try:
+        messages = _drop_leading_assistants(_conversation_messages(group))
+        return len(_Conversation(r, messages, f"conversation {group[0].conversation_id!r}").full.ids)
+    except DataError:
+        return 0  # the tuples were built from cut histories the whole conversation does not render as
 
 
 def _where(t, turn: bool = True) -> str:
