@@ -15,6 +15,16 @@ kind of experiment with the library itself:
    teacher's in-context accuracy (does the model, shown a request for S, put most mass on S?).
 
     python bench/online_styles.py --seeds 3 --interactions 60
+
+Measured (2 CPU cores, seeds 0 and 1, ``--pretrain-steps 250 --interactions 40``; P(B) on
+held-out prompts at the end / share of B replies in the last quarter / teacher in-context
+accuracy at the end; all start at P(B) 0.017-0.018 and accuracy 1.00):
+
+    paper                 0.050 / 0.30 / 0.42     0.027 / 0.30 / 1.00
+    sampled+anchor+gate   0.860 / 0.90 / 0.75     0.068 / 0.30 / 0.92
+    full                  0.000 / 0.00 / 0.33     0.033 / 0.00 / 0.75
+    full+gate             0.686 / 0.90 / 0.75     0.828 / 1.00 / 0.75
+    stable                0.702 / 0.90 / 0.75     0.856 / 1.00 / 0.75
 """
 
 from __future__ import annotations
