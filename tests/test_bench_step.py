@@ -71,4 +71,6 @@ def test_smoke_report_has_every_row(tmp_path, template, isolate, rounds):
     best = rows[targets["best_packed_row"]]
     assert targets["packed_vs_naive"] == pytest.approx(best["time_s"] / naive["time_s"])
     assert targets["met_vs_sft"] == (best["time_s"] <= rows["sft"]["time_s"])
+    # one step: the median of per-round ratios is the ratio itself
+    assert targets["packed_vs_naive_paired"] == pytest.approx(targets["packed_vs_naive"])
     assert {"naive", "hsd-tuple", "sft"} <= set(rows) and report["model"]["vocab_size"] == 32000
