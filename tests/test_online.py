@@ -324,3 +324,14 @@ def test_readme_online_snippet_runs(tok, tmp_path, monkeypatch):
     exec(compile(code, "README online learning", "exec"), scope)
     assert scope["result"].stepped and (tmp_path / "adapters").is_dir()
     assert scope["run"].counts["interactions"] == 2
+
+
+def test_batched_sampling_and_batched_steps(tok):
+    d = OnlineDistiller(tiny_model(tok), tok, OnlineConfig(**small(temperature=0.0, max_new_tokens=5)))
+    conversations = [[{"role": "user", "content": "hi"}], PROMPT + [{"role": "assistant", "content": "ok"},
+                                                                    {"role": "user", "content": "more please"}]]
+    batched = d.respond_batch(conversations)  # left-padded: must equal one conversation at a time
+    assert [r.ids for r in batched] == [d.respond(c, return_details=True).ids for c in conversations]
+    run = run_online(d, ["write code", "tell a story", "explain it", "help"], lambda m, y: "shorter",
+                     batch_size=2, progress=False, learn_truncated=True)
+    assert run.steps == 2 and d.step_count == 2 and run.counts["learned"] == 4
