@@ -563,6 +563,9 @@ class OnlineDistiller:
             if not example.target_ids:
                 skip("no_scored_tokens")
                 continue
+            if example.prefix_len < 1:  # the teacher must continue a shared prefix (hsd.forward)
+                skip("no_shared_prefix", "the student and teacher renderings share no first token")
+                continue
             examples.append(example)
             weights.append(weight)
             rows.append(i)
@@ -664,7 +667,7 @@ class OnlineDistiller:
         (``empty_followup``), an empty reply (``empty_response``), one the gate marks neutral
         (``gated_neutral``) or whose gate raised (``gate_error``), one over a token budget
         (``response_over_budget``, ``prompt_over_budget``, ``followup_over_budget``) or that
-        the chat template cannot render (``template_error``). A non-finite loss or gradient
+        the chat template cannot render (``template_error``, ``no_shared_prefix``). A non-finite loss or gradient
         takes no step (``non_finite``).
         """
         cfg = self.config
