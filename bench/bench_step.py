@@ -80,7 +80,8 @@ import torch
 
 import hsd
 import hsd.forward
-from hsd.data import Conversation, HindsightCollator, LayoutConfig, conversation_tuples, tokenize_conversation, tokenize_tuple
+from hsd.data import (Conversation, HindsightCollator, LayoutConfig, conversation_tuples, tokenize_conversation,
+                      tokenize_tuple)
 from hsd.data.testing import WORDS, synthetic_conversation, tiny_chat_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -174,7 +175,8 @@ class Data:
             messages = synth_conversation(self.tok, args.rounds, args.seed + c, args.user_tokens, args.assistant_tokens)
             tuples = conversation_tuples(Conversation(messages, id=f"bench{c}"))
             if len(tuples) != args.rounds:
-                raise RuntimeError(f"conversation {c}: {len(tuples)} tuples for {args.rounds} rounds (a filter dropped some)")
+                raise RuntimeError(f"conversation {c}: {len(tuples)} tuples for {args.rounds} rounds "
+                                   "(a filter dropped some)")
             examples = [tokenize_tuple(t, self.tok, "offline", tuple_cfg) for t in tuples]
             packed = tokenize_conversation(tuples, self.tok, "offline", packed_cfg)
             if any(e is None for e in examples) or len(packed) != 1 or len(packed[0].tuples) != len(tuples):
@@ -590,7 +592,8 @@ def run(args) -> dict:
             for name in order:
                 results[name].append(rows[name].step())
                 if args.verbose:
-                    print(f"  round {r} {name}: {results[name][-1]['time_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+                    print(f"  round {r} {name}: {results[name][-1]['time_s'] * 1e3:.1f} ms", file=sys.stderr,
+                          flush=True)
     finally:
         for row in rows.values():
             row.close()
@@ -725,7 +728,8 @@ def _token_range(text: str) -> tuple[int, int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     p.add_argument("--template", choices=sorted(TEMPLATE_KWARGS), default="chatml")
     p.add_argument("--rounds", type=int, default=None, help="user/assistant exchanges (= tuples), 1 to 8 (default 5)")
