@@ -59,9 +59,12 @@ if ! timeout 240 "$PY" bench/gpu_check.py "$@"; then
   echo "BENCHMARK FAILED (or timed out)"; status=1
 fi
 
-# == step benchmark: reserved for bench/bench_step.py (a training step from a model and a
-# batch), added by a later change with its own `timeout` cap. Budget: the steps above take ~6
-# min when healthy (9.5 min at their caps); keep the whole script under 10 minutes.
+echo "== shared-prefix step (Qwen2.5-0.5B shape, random weights, bf16)"
+# the steps above take ~6 min when healthy; this one is capped so the script stays near 10 min
+if ! timeout 150 "$PY" bench/bench_step.py --config qwen2.5-0.5b --device cuda --dtype bf16 \
+    --template chatml --rounds 5 --steps 5 --breakdown --json /tmp/bench_step_gpu.json 2>&1 | tail -20; then
+  echo "STEP BENCHMARK FAILED (or timed out)"; status=1
+fi
 
 echo "total $(( $(date +%s) - start )) s"
 exit $status

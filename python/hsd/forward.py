@@ -5,9 +5,11 @@ This module knows models, caches and attention masks, never the loss formula
 :class:`hsd.data.HindsightCollator` (either layout) it returns, for every scored response
 token, the student's final hidden state (with grad) and the teacher's (no grad):
 
-* **Student pass:** one forward with grad per row: the trunk plus the layout's student
-  branches (templates such as Qwen3's that render the last reply differently), in one
-  tree-masked pass. Its keys and values are kept (detached) for the teacher.
+* **Student pass:** one forward with grad per row over the trunk (the model's own causal
+  mask), then the layout's student branches (templates such as Qwen3's that render the last
+  reply differently) over the trunk's keys/values; under gradient checkpointing or
+  FlexAttention, trunk and branches in one tree-masked pass. Its keys and values are kept
+  (detached) for the teacher.
 * **Teacher pass:** every teacher branch (hindsight block, end of the user turn, assistant
   header, y, end-of-turn) computes only its own tokens, attending to the student's keys and
   values up to its prefix offset, with position ids continuing from that offset.
@@ -476,6 +478,10 @@ def _choose_strategy(view: _ModelView, requested: str, needs_reuse: bool) -> str
         return requested
     if flash or view.attn not in ("sdpa", "eager", "flex_attention"):
         return "loop"
+    if view.attn != "flex_attention" and view.decoder.get_input_embeddings().weight.device.type == "cpu":
+        # measured (bench/bench_step.py): a dense mask over concatenated branches computes about
+        # twice the needed pairs, and on CPU one forward per branch is faster
+        return "loop"
     return "masked"
 
 
@@ -534,10 +540,45 @@ def _student_pass_capturing(view: _ModelView, tb: TreeBatch):
     return hidden, [store[i] for i in sorted(store)]
 
 
+def _trunk_only(tb: TreeBatch) -> TreeBatch:
+    """The rows cut to their trunks (branch columns become padding)."""
+    width = int(tb.trunk_lengths.max())
+    cols = torch.arange(width, device=tb.input_ids.device)
+    empty = tb.branch_starts.new_zeros(0)
+    return TreeBatch(**{**tb.__dict__, "input_ids": tb.input_ids[:, :width], "position_ids": tb.position_ids[:, :width],
+                        "attention_mask": tb.attention_mask[:, :width] * (cols[None] < tb.trunk_lengths[:, None]),
+                        "branch_batch_index": empty, "branch_starts": empty, "branch_ends": empty,
+                        "branch_attach": empty})
+
+
+def _student_pass_split(view: _ModelView, tb: TreeBatch, keep_cache: bool):
+    """A tree with student branches as trunk + branches: the trunk keeps the model's own causal
+    mask (a dense tree mask would leave sdpa's causal kernels), then each branch runs over the
+    trunk's keys/values (with grad) cropped to its attach point. Same rule, same numbers."""
+    trunk = _trunk_only(tb)
+    hidden, cache = view.run(trunk.input_ids, trunk.position_ids, _student_mask(view, trunk),
+                             cache=view.new_cache(), use_cache=True)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]  # graph kept: branches backprop into it
+    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, tb.input_ids.shape[1] - hidden.shape[1]))
+    for s in range(tb.branch_starts.numel()):
+        row, start, end = int(tb.branch_batch_index[s]), int(tb.branch_starts[s]), int(tb.branch_ends[s])
+        attach = int(tb.branch_attach[s])
+        ids, positions = tb.input_ids[row : row + 1, start:end], tb.position_ids[row : row + 1, start:end]
+        sub = _TeacherRows(ids, positions, torch.zeros_like(ids), torch.full_like(ids, attach), None)
+        mask = view.format_mask(lambda w: teacher_branch_allowed(sub, attach, w))
+        cropped = view.new_cache([(k[row : row + 1, :, :attach], v[row : row + 1, :, :attach]) for k, v in layers])
+        branch_hidden, _ = view.run(ids, positions, mask, cache=cropped, use_cache=True)
+        cols = torch.arange(start, end, device=ids.device)
+        hidden = hidden.index_put((torch.full_like(cols, row), cols), branch_hidden[0])
+    return hidden, ([(k.detach(), v.detach()) for k, v in layers] if keep_cache else None)
+
+
 def _student_pass(view: _ModelView, tb: TreeBatch, keep_cache: bool):
     """Student hidden states [B, L, H] (with grad) and, when asked, its detached keys/values."""
     if keep_cache and view.gradient_checkpointing:
         return _student_pass_capturing(view, tb)
+    if tb.has_student_branches and not view.gradient_checkpointing and view.attn in ("sdpa", "eager"):
+        return _student_pass_split(view, tb, keep_cache)
     mask = _student_mask(view, tb)
     hidden, cache = view.run(tb.input_ids, tb.position_ids, mask,
                              cache=view.new_cache() if keep_cache else None, use_cache=keep_cache)
