@@ -460,6 +460,10 @@ def _teacher_context(model, teacher: str):
 # ---- the pass -------------------------------------------------------------------------------
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _choose_strategy(view: _ModelView, requested: str, needs_reuse: bool) -> str:
     if requested not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {requested!r}")
@@ -478,6 +482,8 @@ def _choose_strategy(view: _ModelView, requested: str, needs_reuse: bool) -> str
         return requested
     if flash or view.attn not in ("sdpa", "eager", "flex_attention"):
         return "loop"
+    if _distributed():
+        return "masked"  # one teacher forward per rank: FSDP gathers parameters collectively per forward
     if view.attn != "flex_attention" and view.decoder.get_input_embeddings().weight.device.type == "cpu":
         # measured (bench/bench_step.py): a dense mask over concatenated branches computes about
         # twice the needed pairs, and on CPU one forward per branch is faster
@@ -577,7 +583,9 @@ def _student_pass(view: _ModelView, tb: TreeBatch, keep_cache: bool):
     """Student hidden states [B, L, H] (with grad) and, when asked, its detached keys/values."""
     if keep_cache and view.gradient_checkpointing:
         return _student_pass_capturing(view, tb)
-    if tb.has_student_branches and not view.gradient_checkpointing and view.attn in ("sdpa", "eager"):
+    # (not under torch.distributed: the branch count differs per rank, FSDP needs equal forwards)
+    if tb.has_student_branches and not view.gradient_checkpointing and view.attn in ("sdpa", "eager") \
+            and not _distributed():
         return _student_pass_split(view, tb, keep_cache)
     mask = _student_mask(view, tb)
     hidden, cache = view.run(tb.input_ids, tb.position_ids, mask,
