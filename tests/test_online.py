@@ -209,8 +209,9 @@ def test_gate_skips_or_downweights_neutral_followups(tok):
         d = OnlineDistiller(copy.deepcopy(model), tok, OnlineConfig(**small(gate=gate, neutral_weight=0.25)))
         losses[gate] = d.loss(interactions[:1])[0].item(), d.loss(interactions[1:])[0].item(), d.loss(interactions)[0].item()
     neutral, informative, _ = losses["all"]
-    assert losses["downweight_neutral"][0] == pytest.approx(0.25 * neutral, rel=1e-5)
-    assert losses["downweight_neutral"][2] == pytest.approx((0.25 * neutral + informative) / 2, rel=1e-5)
+    # float32 losses of order 1e-5 (A_t is a difference of log-probs): batch shapes change the rounding
+    assert losses["downweight_neutral"][0] == pytest.approx(0.25 * neutral, rel=1e-3)
+    assert losses["downweight_neutral"][2] == pytest.approx((0.25 * neutral + informative) / 2, rel=1e-3)
 
     d = OnlineDistiller(copy.deepcopy(model), tok, OnlineConfig(**small(gate="skip_neutral")))
     before = lora_state(d)
