@@ -23,6 +23,8 @@ import os
 import sys
 from pathlib import Path
 
+from ._cli_common import json_object
+
 logger = logging.getLogger("hsd")
 
 # hsd.data.FORMATS, spelled out so that building the parser imports nothing heavy.
@@ -40,16 +42,6 @@ def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at column {e.colno}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
     return value
 
 
@@ -84,7 +76,7 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     lay.add_argument("--followup-overflow", choices=("drop", "truncate"), default="drop")
     lay.add_argument("--end-of-turn-token", default=None,
                      help="the token that closes a reply and is scored after it (default: detected from the template)")
-    lay.add_argument("--chat-template-kwargs", type=_json_object, default={}, metavar="JSON",
+    lay.add_argument("--chat-template-kwargs", type=json_object, default={}, metavar="JSON",
                      help="variables for the chat template, e.g. '{\"enable_thinking\": false}' (Qwen3)")
 
 

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, TextIO
 
+from ._cli_common import json_object
+
 logger = logging.getLogger("hsd")
 
 HELP = ("commands: /undo (revert the last learning step), /reset (drop the adapter), /new (new conversation), "
@@ -35,23 +37,13 @@ HELP = ("commands: /undo (revert the last learning step), /reset (drop the adapt
 # ---- shared loading -------------------------------------------------------------------------------
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return value
-
-
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model name or local path (AutoModelForCausalLM)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or path (default: --model)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--chat-template-kwargs", type=_json_object, default={},
+    p.add_argument("--chat-template-kwargs", type=json_object, default={},
                    help="extra chat template variables, e.g. '{\"enable_thinking\": false}'")
     p.add_argument("--template", default="online", help="hindsight block: 'online', 'offline' or a format string")
 
