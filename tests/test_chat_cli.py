@@ -12,17 +12,11 @@ from hsd.cli import main
 from hsd.data.testing import tiny_chat_tokenizer
 from hsd.online import OnlineConfig, OnlineDistiller, user_directory
 from hsd.online_cli import chat_loop
+from helpers import tiny_qwen2 as tiny_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 safetensors = pytest.importorskip("safetensors.torch")
-
-
-def tiny_model(tok):
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from hsd.cli import main
 from hsd.data import InteractionTuple, LayoutConfig, tokenize_tuple
 from hsd.data.testing import tiny_chat_tokenizer
 from hsd.signal_view import compute_signal, render_html, render_png
+from helpers import tiny_qwen2 as tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,13 +24,6 @@ O = "wrong, make it shorter"
 @pytest.fixture(scope="module")
 def tok():
     return tiny_chat_tokenizer("chatml")
-
-
-def tiny_model(tok, dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
 
 
 @pytest.fixture(scope="module")

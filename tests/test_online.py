@@ -12,6 +12,7 @@ from hsd.data import ChatTemplateError, DataError, tokenize_tuple
 from hsd.data.testing import tiny_chat_tokenizer
 from hsd.online import (OnlineConfig, OnlineDistiller, TeacherHealth, is_neutral_followup, run_online,
                         user_directory)
+from helpers import tiny_qwen2 as tiny_model
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -23,13 +24,6 @@ REPLY = "the answer is a list of code"
 @pytest.fixture(scope="module")
 def tok():
     return tiny_chat_tokenizer("chatml")
-
-
-def tiny_model(tok, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    return transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
 
 
 def small(**overrides):

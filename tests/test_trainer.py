@@ -11,6 +11,7 @@ import hsd  # noqa: E402
 from hsd.data.testing import synthetic_wildchat_rows, tiny_chat_tokenizer  # noqa: E402
 from hsd.trainer import (EMA_WEIGHTS_NAME, HSDConfig, HSDTrainer, TokenBudgetBatchSampler,  # noqa: E402
                          build_examples)
+from helpers import tiny_qwen2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +20,8 @@ def tok():
 
 
 def tiny_model(tok, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return transformers.Qwen2ForCausalLM(cfg).to(dtype)
+    # Trained by HSDTrainer: built in train mode, with room for 1024 positions.
+    return tiny_qwen2(tok, dtype, seed, max_position_embeddings=1024).train()
 
 
 def config(tmp_path, **overrides):

@@ -1,0 +1,15 @@
+"""Builders shared by several test files (importable as ``helpers``: pytest puts tests/ on sys.path)."""
+
+import torch
+
+
+def tiny_qwen2(tok, dtype=torch.float32, seed=0, max_position_embeddings=512):
+    """A seeded random 2-layer Qwen2 (hidden 32, 4 query / 2 key-value heads) over ``tok``'s
+    vocabulary, in eval mode: small enough that a test runs many forwards on CPU in seconds."""
+    import transformers  # callers importorskip it first
+
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=max_position_embeddings)
+    return transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
