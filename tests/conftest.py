@@ -24,3 +24,11 @@ def _seed():
     import torch
 
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny chatml tokenizer of hsd.data.testing, fresh per module; a module may define its own."""
+    from hsd.data.testing import tiny_chat_tokenizer
+
+    return tiny_chat_tokenizer("chatml")

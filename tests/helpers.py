@@ -13,3 +13,10 @@ def tiny_qwen2(tok, dtype=torch.float32, seed=0, max_position_embeddings=512):
                                    num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=max_position_embeddings)
     return transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
+
+
+def save_tiny_qwen2(path, tok):
+    """Write ``tiny_qwen2(tok)`` and ``tok`` to ``path``: a local model directory for the CLI tests."""
+    tiny_qwen2(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from hsd.cli import main
-from hsd.data.testing import tiny_chat_tokenizer
 from hsd.online import OnlineConfig, OnlineDistiller, user_directory
 from hsd.online_cli import chat_loop
-from helpers import tiny_qwen2 as tiny_model
+from helpers import save_tiny_qwen2, tiny_qwen2 as tiny_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -20,16 +19,8 @@ safetensors = pytest.importorskip("safetensors.torch")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_chat_tokenizer("chatml")
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    path = tmp_path_factory.mktemp("tiny-chat-model")
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-chat-model"), tok)
 
 
 def state(d):

@@ -10,9 +10,8 @@ import torch
 
 from hsd.cli import main
 from hsd.data import InteractionTuple, LayoutConfig, tokenize_tuple
-from hsd.data.testing import tiny_chat_tokenizer
 from hsd.signal_view import compute_signal, render_html, render_png
-from helpers import tiny_qwen2 as tiny_model
+from helpers import save_tiny_qwen2, tiny_qwen2 as tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,16 +21,8 @@ O = "wrong, make it shorter"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_chat_tokenizer("chatml")
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tok):
-    path = tmp_path_factory.mktemp("tiny-inspect-model")
-    tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_qwen2(tmp_path_factory.mktemp("tiny-inspect-model"), tok)
 
 
 def test_signal_matches_plain_forwards(tok):

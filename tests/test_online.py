@@ -21,11 +21,6 @@ PROMPT = [{"role": "user", "content": "write a python function please"}]
 REPLY = "the answer is a list of code"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_chat_tokenizer("chatml")
-
-
 def small(**overrides):
     """Tiny LoRA and a large learning rate, so that a few steps visibly move the adapter."""
     base = dict(lora_r=4, lora_alpha=8, lr=1e-2, max_new_tokens=6, seed=0)

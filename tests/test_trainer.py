@@ -8,15 +8,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import hsd  # noqa: E402
-from hsd.data.testing import synthetic_wildchat_rows, tiny_chat_tokenizer  # noqa: E402
+from hsd.data.testing import synthetic_wildchat_rows  # noqa: E402
 from hsd.trainer import (EMA_WEIGHTS_NAME, HSDConfig, HSDTrainer, TokenBudgetBatchSampler,  # noqa: E402
                          build_examples)
 from helpers import tiny_qwen2  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_chat_tokenizer("chatml")
 
 
 def tiny_model(tok, dtype=torch.float32, seed=0):
