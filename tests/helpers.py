@@ -20,3 +20,23 @@ def save_tiny_qwen2(path, tok):
     tiny_qwen2(tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def check_out_dtype_mm_probe(monkeypatch, module, probe):
+    """The half -> float32 GEMM probe ``probe`` caching in ``module._OUT_DTYPE_MM``: an
+    out-of-memory error propagates, uncached (it is not a missing feature); CPU torch has no
+    ``mm(out_dtype=)``, so the probe answers False once and caches it (the float32 fallback)."""
+    import pytest
+
+    monkeypatch.setattr(module, "_OUT_DTYPE_MM", {})
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch, "mm", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        probe(torch.device("cpu"), torch.bfloat16)
+    assert module._OUT_DTYPE_MM == {}
+    monkeypatch.undo()
+    monkeypatch.setattr(module, "_OUT_DTYPE_MM", {})
+    assert probe(torch.device("cpu"), torch.bfloat16) is False
+    assert module._OUT_DTYPE_MM == {("cpu", torch.bfloat16): False}

@@ -344,19 +344,9 @@ def test_fused_chunks_and_grad_needs_on_cpu(needs, dtype, monkeypatch):
 
 def test_out_dtype_probe_lets_out_of_memory_through(monkeypatch):
     """Only an unsupported signature selects the float32 fallback; an OOM is an OOM."""
-    monkeypatch.setattr(cuda_backend, "_OUT_DTYPE_MM", {})
+    from helpers import check_out_dtype_mm_probe
 
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(torch, "mm", oom)
-    with pytest.raises(torch.OutOfMemoryError):
-        cuda_backend._out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16)
-    assert cuda_backend._OUT_DTYPE_MM == {}
-    monkeypatch.undo()
-    monkeypatch.setattr(cuda_backend, "_OUT_DTYPE_MM", {})
-    # CPU torch has no mm(out_dtype=): probed once, answered False (and logged)
-    assert cuda_backend._out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16) is False
-    assert cuda_backend._OUT_DTYPE_MM == {("cpu", torch.bfloat16): False}
+    check_out_dtype_mm_probe(monkeypatch, cuda_backend, cuda_backend._out_dtype_mm_supported)
 
 
 def _full_term_twin(lps, lpt, alpha):

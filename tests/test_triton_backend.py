@@ -516,18 +516,10 @@ def test_no_gradient_needed_runs_the_statistics_only_kernel(monkeypatch):
 def test_out_dtype_probe_lets_out_of_memory_through(monkeypatch):
     """The half -> float32 GEMM probe: an unsupported signature selects the float32-head
     fallback once (logged); an out-of-memory error propagates (it is not a missing feature)."""
-    fused_linear = triton_backend.kernels().fused_linear
-    monkeypatch.setattr(fused_linear, "_OUT_DTYPE_MM", {})
+    from helpers import check_out_dtype_mm_probe
 
-    def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-    monkeypatch.setattr(torch, "mm", oom)
-    with pytest.raises(torch.OutOfMemoryError):
-        fused_linear.out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16)
-    monkeypatch.undo()
-    monkeypatch.setattr(fused_linear, "_OUT_DTYPE_MM", {})
-    assert fused_linear.out_dtype_mm_supported(torch.device("cpu"), torch.bfloat16) is False
-    assert fused_linear._OUT_DTYPE_MM == {("cpu", torch.bfloat16): False}
+    fused_linear = triton_backend.kernels().fused_linear
+    check_out_dtype_mm_probe(monkeypatch, fused_linear, fused_linear.out_dtype_mm_supported)
 
 
 def test_device_guard_targets_the_tensors_gpu():
