@@ -20,14 +20,26 @@ with the neighbouring markup (``' ' + reply`` is one segment here, so ``' the'``
 token, but the newline before a ChatML reply is never merged into it). Student and teacher
 sequences, packed and per-tuple, all follow this rule, so they agree with each other.
 
-Contents are found by searching the rendered text in message order (each search starts where
-the previous content ended; a template that trims contents is handled). A content that cannot
-be found (a template that rewrites it) is not cut and is encoded as markup.
+Locating contents: the conversation is also rendered with a unique sentinel string in place of
+each content (private-use characters, cached per sequence of roles), which gives the template's
+markup between contents and the order in which it places them (Mistral v0.3 writes the system
+prompt inside the last user turn). The real text must then read markup, content, markup, ...:
+each content as written or as the template trimmed it (``strip``/``lstrip``/``rstrip``, of
+whitespace or of newlines). So a content is found where the template put it, even when the same
+string also occurs in the markup before it (a user message that is literally ``user``, or
+``a``, which ``<|im_start|>`` contains) or in another message. A content the template rewrites
+otherwise (Qwen3 strips reasoning from history) is the text up to the next markup and is still
+encoded as text. Where the real text does not follow the sentinel rendering at all (a template
+whose markup depends on the contents' text), contents are searched in message order as a
+fallback (each search starts where the previous content ended), and one that cannot be found is
+encoded as markup.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -75,19 +87,36 @@ class Tokenized:
         spans: per message, the character span of its content (an assistant reply: the whole
             reply segment up to its end-of-turn token), or None when not located (empty).
         ids: the token ids.
-        token_at: token index of every cut point (span boundaries, 0 and ``len(text)``).
+        segments: ``(start, end, is_content)`` of every encoded segment (the text cut at the
+            spans' ends), in text order.
+        offsets: the token index where each segment starts.
     """
 
     text: str
     messages: list[dict]
     spans: list[Span | None]
     ids: list[int]
-    token_at: dict[int, int]
+    segments: list[tuple[int, int, bool]]
+    offsets: list[int]
+
+    def token_index(self, char: int) -> int:
+        """Token index of a cut point (a span boundary, 0 or ``len(text)``)."""
+        if char == len(self.text):
+            return len(self.ids)
+        k = bisect.bisect_left(self.segments, (char,))
+        if k == len(self.segments) or self.segments[k][0] != char:
+            raise ValueError(f"character {char} is not a cut point")
+        return self.offsets[k]
+
+    @property
+    def token_at(self) -> dict[int, int]:
+        """Token index of every cut point."""
+        return {**{a: t for (a, _, _), t in zip(self.segments, self.offsets)}, len(self.text): len(self.ids)}
 
     def token_span(self, message: int) -> tuple[int, int]:
         """``[start, end)`` in ``ids`` of a located message's content."""
         a, b = self.spans[message]
-        return self.token_at[a], self.token_at[b]
+        return self.token_index(a), self.token_index(b)
 
 
 @dataclass(frozen=True)
@@ -96,6 +125,7 @@ class ReplyView:
 
     text: str
     prompt_end: int  # where the generation prompt ends (the model starts generating here)
+    spans: list  # the messages' spans in ``text`` (history, then the reply)
 
 
 _RENDERERS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -129,6 +159,9 @@ class ChatRenderer:
         self._max_segment_tokens = 1 << 18  # ~10 MB of ids: more than a long conversation
         self._fast = self._compiled_template()
         self._fast_checks = 16  # renders compared with apply_chat_template before trusting the direct path
+        self._skeletons: dict[tuple, tuple[list[str], list[int]] | None] = {}
+        self._fallback_logged = False
+        self.history_lead = ""  # set from the probe below
         self.special_tokens = self._special_token_strings()
         probe = [{"role": USER, "content": _PROBE_USER}]
         prompt = self.render(probe, True, "the probe conversation")
@@ -149,7 +182,6 @@ class ChatRenderer:
             ) from None
         # How a reply is introduced when it is history (not the last turn): the whitespace the
         # template puts between the generation prompt and the content (Mistral: ' ').
-        self.history_lead = ""
         history = self.render(probe + [{"role": ASSISTANT, "content": _PROBE_REPLY},
                                        {"role": USER, "content": _PROBE_NEXT}], False, "the probe conversation")
         at = history.find(_PROBE_REPLY, len(prompt))
@@ -159,7 +191,7 @@ class ChatRenderer:
         #: think block): the packed layout then scores replies in student branches.
         self.replies_branch = not history.startswith(view.text[: view.text.rindex(_PROBE_REPLY)])
         whole = self.encode(view.text)
-        cut = self.tokenize(view.text, probe + [{"role": ASSISTANT, "content": _PROBE_REPLY}], view.prompt_end).ids
+        cut = self.tokenize(view.text, probe + [{"role": ASSISTANT, "content": _PROBE_REPLY}], spans=view.spans).ids
         if self.decode(cut) != self.decode(whole):
             # SentencePiece-style prefix spaces would silently insert a space before every reply.
             raise ChatTemplateError(
@@ -298,10 +330,137 @@ class ChatRenderer:
 
     # ---- locating contents ----------------------------------------------------------------
 
+    def locate(self, messages: list[dict], text: str, prompt_end: int | None = None) -> list[Span | None]:
+        """The span of every message's content in ``text`` (a rendering of ``messages``,
+        possibly cut after its last reply's end-of-turn token); None where a content is
+        empty or not rendered. A reply's span runs up to its end-of-turn token (when only
+        whitespace lies between) and includes the whitespace the template writes before it.
+
+        ``prompt_end``: the last message is the reply being generated after a generation
+        prompt ending there; its span starts there when only whitespace lies between.
+        """
+        located = self._locate_by_sentinels(messages, text)
+        if located is None:
+            if not self._fallback_logged:
+                self._fallback_logged = True
+                logger.debug("the chat template's markup depends on message text; contents are searched in order")
+            return self._locate_in_order(messages, text, prompt_end)
+        spans, markup_start = located
+        eot = self.end_of_turn_token
+        lead = self.history_lead
+        last = len(messages) - 1
+        for m, span in enumerate(spans):
+            if span is None or messages[m]["role"] != ASSISTANT:
+                continue
+            start, end = span
+            after = end
+            while after < len(text) and text[after].isspace():
+                after += 1
+            if text.startswith(eot, after):
+                end = after
+            if m == last and prompt_end is not None:
+                if prompt_end <= start and text[prompt_end:start].isspace():
+                    start = prompt_end
+            elif lead and start - len(lead) >= markup_start[m] and text.startswith(lead, start - len(lead)):
+                start -= len(lead)  # the template's whitespace before a reply belongs to it
+            spans[m] = (start, end)
+        return spans
+
+    #: Sentinel delimiters: private-use characters no chat template writes (the first pair
+    #: that no content contains is used).
+    _MARKERS = (("\ue000", "\ue001"), ("\U000f0000", "\U000f0001"), ("\U00100000", "\U00100001"))
+
+    def _skeleton(self, roles: tuple, marker: tuple[str, str]) -> tuple[list[str], list[int]] | None:
+        """The template's markup for a conversation with these roles: ``pieces`` and ``order``
+        such that the rendering reads ``pieces[0] + content(order[0]) + pieces[1] + ...``,
+        from one rendering with a sentinel per content (cached: it depends on the roles only).
+        None when that rendering fails or renders a content more than once."""
+        key = (roles, marker)
+        if key in self._skeletons:
+            return self._skeletons[key]
+        open_, close = marker
+        messages = [{"role": role, "content": f"{open_}{i}{close}"} for i, role in enumerate(roles)]
+        skeleton = None
+        try:
+            text = self.render(messages, False, "the sentinel conversation")
+        except ChatTemplateError:
+            text = None
+        if text is not None:
+            pieces, order, pos = [], [], 0
+            for match in re.finditer(re.escape(open_) + r"(\d+)" + re.escape(close), text):
+                pieces.append(text[pos : match.start()])
+                order.append(int(match.group(1)))
+                pos = match.end()
+            pieces.append(text[pos:])
+            if len(set(order)) == len(order) and all(i < len(roles) for i in order):
+                skeleton = (pieces, order)
+        if len(self._skeletons) >= 4096:
+            self._skeletons.clear()
+        self._skeletons[key] = skeleton
+        return skeleton
+
+    @staticmethod
+    def _variants(content: str) -> list[str]:
+        """How a template may write a content: as is, else trimmed (the most common first)."""
+        return list(dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip(),
+                                   content.strip("\n"), content.lstrip("\n"), content.rstrip("\n"))))
+
+    def _locate_by_sentinels(self, messages: list[dict], text: str) -> tuple[list[Span | None], list[int]] | None:
+        """Content spans read off the template's skeleton (see :meth:`_skeleton`), and where
+        the markup before each content starts; None when ``text`` does not follow the
+        skeleton (the caller falls back to searching in order)."""
+        contents = [m["content"] for m in messages]
+        marker = next((mk for mk in self._MARKERS if not any(mk[0] in c for c in contents)), None)
+        if marker is None:
+            return None
+        skeleton = self._skeleton(tuple(m["role"] for m in messages), marker)
+        if skeleton is None:
+            return None
+        pieces, order = skeleton
+        spans: list[Span | None] = [None] * len(messages)
+        markup_start = [0] * len(messages)
+        n, pos = len(text), 0
+
+        def ends_within(piece: str, at: int) -> bool:  # the text was cut inside this markup
+            return n - at < len(piece) and piece.startswith(text[at:])
+
+        for i, k in enumerate(order):
+            piece, following = pieces[i], pieces[i + 1]
+            if not text.startswith(piece, pos):
+                return (spans, markup_start) if ends_within(piece, pos) else None
+            markup_start[k] = pos
+            pos += len(piece)
+            if pos == n:
+                return spans, markup_start  # cut right before this content (it lies beyond the text)
+            content, end = contents[k], None
+            after = pos + len(content)
+            if text.startswith(content, pos) and (text.startswith(following, after) or ends_within(following, after)):
+                end = after  # as written: the common case, no trimmed copies made
+            else:
+                for variant in self._variants(content)[1:]:
+                    after = pos + len(variant)
+                    if text.startswith(variant, pos) and (text.startswith(following, after) or ends_within(following, after)):
+                        end = after
+                        break
+            if end is None:
+                # Rewritten by the template (reasoning stripped, say): the content is the text up
+                # to the markup that follows it; it is still message text.
+                at = text.find(following, pos) if following else -1
+                if at < 0:
+                    return None
+                end = at
+            if text[pos:end].strip():
+                spans[k] = (pos, end)
+            pos = end
+        tail = pieces[-1]
+        if not (n - pos == len(tail) and text.startswith(tail, pos)) and not ends_within(tail, pos):
+            return None
+        return spans, markup_start
+
     def _find(self, text: str, content: str, pos: int, reply: bool) -> Span | None:
         """Earliest occurrence at or after ``pos`` of ``content`` as the template may have
         trimmed it; a reply must be followed (after whitespace) by the end-of-turn token and
-        its span runs up to that token."""
+        its span runs up to that token (the in-order fallback)."""
         best = None
         eot = self.end_of_turn_token
         for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
@@ -324,22 +483,11 @@ class ChatRenderer:
                 break
         return best
 
-    def locate(
-        self,
-        messages: list[dict],
-        text: str,
-        spans: list[Span | None] | None = None,
-        pos: int = 0,
-        prompt_end: int | None = None,
-    ) -> list[Span | None]:
-        """Spans of ``messages[len(spans):]`` in ``text``, searched in order from ``pos``.
-
-        ``prompt_end``: the last message is the reply being generated after a generation
-        prompt ending there; its span starts there when only whitespace lies between.
-        """
-        spans = list(spans or [])
-        for m in range(len(spans), len(messages)):
-            message = messages[m]
+    def _locate_in_order(self, messages: list[dict], text: str, prompt_end: int | None) -> list[Span | None]:
+        """Fallback: each content searched from where the previous one ended."""
+        spans: list[Span | None] = []
+        pos = 0
+        for m, message in enumerate(messages):
             reply = message["role"] == ASSISTANT
             last = m == len(messages) - 1 and prompt_end is not None
             span = self._find(text, message["content"], prompt_end if last else pos, reply)
@@ -362,51 +510,52 @@ class ChatRenderer:
         """``text`` (a rendering of ``messages``) tokenised under the shared rule; ``spans``
         when already located."""
         if spans is None:
-            spans = self.locate(messages, text, prompt_end=prompt_end)
-        return self._tokenize_from(text, messages, spans, [], {0: 0}, 0)
+            spans = self.locate(messages, text, prompt_end)
+        return self._tokenize_from(text, messages, spans, self._segments_of(text, spans), [], [])
 
-    def _tokenize_from(self, text, messages, spans, ids, token_at, start) -> Tokenized:
+    @staticmethod
+    def _segments_of(text: str, spans: list[Span | None]) -> list[tuple[int, int, bool]]:
+        """The encoded segments: text cut at every content's start and end."""
+        located = sorted(s for s in spans if s is not None)
+        segments, pos = [], 0
+        for a, b in located:  # spans never overlap
+            if a > pos:
+                segments.append((pos, a, False))
+            if b > a:
+                segments.append((a, b, True))
+            pos = b
+        if pos < len(text):
+            segments.append((pos, len(text), False))
+        return segments
+
+    def _tokenize_from(self, text, messages, spans, segments, ids, offsets) -> Tokenized:
+        """Encode ``segments[len(offsets):]`` after ``ids`` (the ids of the segments before)."""
         ids = list(ids)
-        token_at = dict(token_at)
-        content_end = {s[0]: s[1] for s in spans if s is not None and s[0] >= start}
-        cuts = sorted({start, len(text), *(c for s in spans if s is not None for c in s if c >= start)})
-        for a, b in zip(cuts, cuts[1:]):
-            token_at[a] = len(ids)
-            ids.extend(self._encode_segment(text[a:b], content_end.get(a) == b))
-        token_at[len(text)] = len(ids)
-        return Tokenized(text, list(messages), spans, ids, token_at)
+        offsets = list(offsets)
+        for a, b, is_content in segments[len(offsets) :]:
+            offsets.append(len(ids))
+            ids.extend(self._encode_segment(text[a:b], is_content))
+        return Tokenized(text, list(messages), spans, ids, segments, offsets)
 
-    def extend(self, base: Tokenized, text: str, messages: list[dict], prompt_end: int | None = None) -> Tokenized:
+    def extend(self, base: Tokenized, text: str, messages: list[dict], prompt_end: int | None = None,
+               spans: list[Span | None] | None = None) -> Tokenized:
         """``tokenize(text, messages)``, reusing ``base``'s ids where both texts agree.
 
-        The messages that both render identically, at the same places, before the texts part
-        keep their spans and ids; only the rest of ``text`` is located and encoded. The result
-        is exactly what :meth:`tokenize` gives (same search order, same cuts), at the cost of
-        the new tail only: this is what makes the layouts linear in the number of turns.
+        Segments (same place, same extent, same kind) that lie in the text both share keep
+        their ids; only the rest of ``text`` is encoded. The result is exactly what
+        :meth:`tokenize` gives: under the cut rule a segment's ids depend on its text alone.
         """
-        shared_chars = common_prefix_len(base.text, text)
-        eot = len(self.end_of_turn_token)
-        kept, resume = 0, 0
-        last = len(messages) - 1 if prompt_end is not None else len(messages)
-        for m in range(min(len(base.spans), last)):
-            if base.messages[m] != messages[m]:
-                break
-            span = base.spans[m]
-            if span is None:
-                if messages[m]["content"].strip():
-                    break  # not found in base; it may be found in text: locate it afresh
-                kept = m + 1
-                continue
-            reach = span[1] + (eot if messages[m]["role"] == ASSISTANT else 0)
-            # Strictly inside the shared text (unless all of it is shared): a content found
-            # there is found at the same place, with the same extent, in both texts.
-            if reach > shared_chars or (reach == shared_chars and shared_chars < len(text)):
-                break
-            kept, resume = m + 1, span[1]
-        spans = self.locate(messages, text, base.spans[:kept], resume, prompt_end)
-        head = base.ids[: base.token_at[resume]]
-        head_cuts = {c: t for c, t in base.token_at.items() if c < resume}
-        return self._tokenize_from(text, messages, spans, head, head_cuts, resume)
+        if spans is None:
+            spans = self.locate(messages, text, prompt_end)
+        segments = self._segments_of(text, spans)
+        shared = common_prefix_len(base.text, text)
+        # The leading segments both have, then only those inside the shared text.
+        kept = common_prefix_len(segments, base.segments)
+        kept = min(kept, bisect.bisect_right(segments, (shared, len(text) + 1), hi=kept))
+        while kept and segments[kept - 1][1] > shared:
+            kept -= 1
+        head = base.offsets[kept] if kept < len(base.offsets) else len(base.ids)
+        return self._tokenize_from(text, messages, spans, segments, base.ids[:head], base.offsets[:kept])
 
     # ---- replies ----------------------------------------------------------------------------
 
@@ -426,8 +575,10 @@ class ChatRenderer:
                 f"{prompt[at:at + 30]!r} vs {full[at:at + 30]!r}); e.g. a system message the template only "
                 "renders before a final user turn"
             )
-        span = self._find(full, reply, len(prompt), True)
-        if span is None:
+        messages = history + [{"role": ASSISTANT, "content": reply}]
+        spans = self.locate(messages, full, len(prompt))
+        span = spans[-1]
+        if span is None or span[0] < len(prompt) or not full.startswith(self.end_of_turn_token, span[1]):
             tail = full[len(prompt) : len(prompt) + 60]
             if not reply.strip():
                 raise ChatTemplateError(f"{where}: the reply is empty")
@@ -435,4 +586,5 @@ class ChatRenderer:
                 f"{where}: the rendered text does not contain the reply followed by the end-of-turn token "
                 f"{self.end_of_turn_token!r} (after the generation prompt it reads {tail!r})"
             )
-        return ReplyView(full[: span[1] + len(self.end_of_turn_token)], len(prompt))
+        cut = span[1] + len(self.end_of_turn_token)
+        return ReplyView(full[:cut], len(prompt), [s if s is None or s[1] <= cut else None for s in spans])

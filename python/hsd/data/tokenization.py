@@ -90,7 +90,10 @@ def _view(r: ChatRenderer, history: list[dict], y: str, where: str, base: Tokeni
     agree); returns the tokens and the index of y's first token."""
     view = r.reply_view(history, y, where)
     messages = history + [_reply(y)]
-    tok = r.tokenize(view.text, messages, view.prompt_end) if base is None else r.extend(base, view.text, messages, view.prompt_end)
+    if base is None:
+        tok = r.tokenize(view.text, messages, spans=view.spans)
+    else:
+        tok = r.extend(base, view.text, messages, spans=view.spans)
     start, end = tok.token_span(len(messages) - 1)
     if end != len(tok.ids) - 1 or tok.ids[-1] != r.end_of_turn_id:
         raise ChatTemplateError(
@@ -224,13 +227,17 @@ class _Conversation:
         self.reply_start: dict[int, int] = {}
         self.end: dict[int, int] = {}
         offset = len(self.system)
-        previous_end = self.full.token_at[self.full.spans[0][1]] if self.system and self.full.spans[0] else 0
+        system_span, first_span = self.full.spans[0], self.full.spans[len(self.system)]
+        # The system block is the head of every window when the template writes it first
+        # (Mistral v0.3 writes it inside the last user turn: no head).
+        previous_end = (self.full.token_index(system_span[1])
+                        if self.system and system_span and (first_span is None or system_span[1] <= first_span[0]) else 0)
         for i in range(self.first, len(messages)):
             span = self.full.spans[i - self.first + offset]
             self.begin[i] = previous_end
             if span is not None:
-                self.reply_start[i] = self.full.token_at[span[0]]
-                previous_end = self.full.token_at[span[1]]
+                self.reply_start[i] = self.full.token_index(span[0])
+                previous_end = self.full.token_index(span[1])
             self.end[i] = previous_end + (1 if messages[i]["role"] == ASSISTANT else 0)
         self.head = self.begin[self.first]  # BOS, system block: in every window
 
@@ -243,7 +250,7 @@ class _Conversation:
         window = self.window(first, last)
         text = self.r.render(window, False, self.where)
         spans = self.r.locate(window, text)
-        if spans[-1] is None:
+        if spans[-1] is None or not text.startswith(self.r.end_of_turn_token, spans[-1][1]):
             raise ChatTemplateError(
                 f"{self.where}, message {last}: the rendered conversation does not contain this reply followed by "
                 f"the end-of-turn token {self.r.end_of_turn_token!r}"
