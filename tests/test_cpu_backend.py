@@ -290,6 +290,47 @@ def test_opcheck_both_ops():
                                None, mode, 1.0, 1.3, 4, False, True, 0.0, 0.0, True))
 
 
+def centred_args(seq, flags=(True, True, True)):
+    """Arguments of hsd::fused_hindsight_centred (temperature 1.3, signal_clip 0.4)."""
+    h, th, w, b, tw, tb, y, coef = op_args(n=len(seq))[:8]
+    return (h, th, w, b, tw, tb, y, coef, torch.tensor(seq), 1.3, 0.4) + tuple(flags)
+
+
+def test_opcheck_centred_op(monkeypatch):
+    monkeypatch.setenv("HSD_CPU_CHUNK_ROWS", "2")  # one sequence fits a chunk, one does not
+    for flags in ((True, True, True), (True, False, False), (False, False, False)):
+        torch.library.opcheck(torch.ops.hsd.fused_hindsight_centred.default,
+                              centred_args([4, 4, 1, 1, 1], flags))
+
+
+def test_centred_op_equals_the_op_given_the_centred_advantage(monkeypatch):
+    """The one-pass centred op against fused_hindsight with its advantage passed in: same loss
+    and gradients, and the advantage is clip(A - per-sequence mean), 0 where coef is 0."""
+    monkeypatch.setenv("HSD_CPU_CHUNK_ROWS", "3")
+    seq = [5, 5, 2, 2, 2, 2, 7, 7, 5]  # 5 is split, 2 is longer than a chunk, 7 fits
+    args = list(centred_args(seq))
+    args[7][1] = 0.0  # a masked row
+    loss, stats, gh, gw, gb, adv = torch.ops.hsd.fused_hindsight_centred(*args)
+    coef, ids = args[7], args[8]
+    A = stats[:, 2]
+    for i in range(len(seq)):
+        valid = (ids == ids[i]) & (coef != 0)
+        want = (A[i] - A[valid].mean()).clamp(-0.4, 0.4) if coef[i] != 0 else 0.0
+        assert abs(adv[i] - want) <= 1e-6
+    direct = torch.ops.hsd.fused_hindsight(*args[:8], adv, 0, 1.0, 1.3, 0, False, True, 0.0,
+                                           0.0, True, True, True)
+    assert torch.equal(direct[1], stats)
+    for got, want in zip((loss, gh, gw, gb), (direct[0],) + tuple(direct[2:])):
+        assert rel_err(got, want) <= 1e-6
+
+
+def test_centred_op_checks_seq_ids():
+    args = list(centred_args([0, 0, 1]))
+    args[8] = torch.tensor([0, 1])
+    with pytest.raises(RuntimeError, match="seq_ids must be int64"):
+        torch.ops.hsd.fused_hindsight_centred(*args)
+
+
 def test_op_autograd_matches_forward_gradients():
     args = op_args(requires_grad=True)
     h, w, b, coef = args[0], args[2], args[3], args[7]

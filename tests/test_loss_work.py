@@ -233,7 +233,10 @@ def test_masked_tokens_never_reach_the_backend(backend, reduction, spy):
 @pytest.mark.parametrize("reduction", ["seq_mean", "none"])
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable", "frozen"])
 def test_centring_is_a_forward_statistic_not_a_backward_pass(backend, reduction, frozen_head,
-                                                             spy):
+                                                             spy, monkeypatch):
+    """The generic two-pass treatment (hsd.loss's, for backends without ``fused_centred``; the
+    one-pass backends are tested in test_loss_centring.py and also here, without it)."""
+    monkeypatch.delattr(backend_module(backend), "fused_centred", raising=False)
     calls = spy(backend)
     h, th, w, b, y = fused_inputs(n=10)
     w.requires_grad_(not frozen_head)

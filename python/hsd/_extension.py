@@ -151,6 +151,16 @@ def _fake_fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, te
     return loss, stats, grad_h, grad_w, grad_b
 
 
+def _fake_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                  target_ids, coef, seq_ids, temperature, signal_clip, grad_hidden, grad_weight,
+                  grad_bias):
+    loss, stats, grad_h, grad_w, grad_b = _fake_fused(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+        coef, None, 0, 1.0, temperature, 0, False, True, signal_clip, 0.0, grad_hidden,
+        grad_weight, grad_bias)
+    return loss, stats, grad_h, grad_w, grad_b, loss.new_empty(loss.shape)
+
+
 def _fake_logits(student_logits, teacher_logits, target_ids, coef, advantage, mode, alpha,
                  temperature, topk, topk_from_teacher, tail, signal_clip, kl_clip, compute_grad):
     acc = _acc_dtype(student_logits)
@@ -206,6 +216,8 @@ def _backward_logits(ctx, grad_loss, _grad_stats, _grad_logits):
 def _register_python_parts() -> None:
     torch.library.register_fake("hsd::fused_hindsight", _fake_fused)
     torch.library.register_fake("hsd::hindsight_from_logits", _fake_logits)
+    # no autograd for the centred op: hsd.loss calls it with its own gradient bookkeeping
+    torch.library.register_fake("hsd::fused_hindsight_centred", _fake_centred)
     torch.library.register_autograd("hsd::fused_hindsight", _backward_fused,
                                     setup_context=_setup_fused)
     torch.library.register_autograd("hsd::hindsight_from_logits", _backward_logits,

@@ -261,6 +261,16 @@ def _scatter_rows(x, rows, n):
     return x.new_zeros((n,) + tuple(x.shape[1:])).index_copy_(0, rows, x)
 
 
+def _centred_op(impl):
+    """The backend's one-pass centring (``fused_centred``), or None for the generic two-pass
+    treatment: the backend has none, or plans its chunks on the host and is being compiled."""
+    op = getattr(impl, "fused_centred", None)
+    if op is not None and torch.compiler.is_compiling() and not getattr(impl, "CENTRED_TRACEABLE",
+                                                                        False):
+        return None
+    return op
+
+
 def _check_finite(**tensors):
     for name, t in tensors.items():
         if t is not None and t.is_floating_point() and torch.isnan(t).any():
@@ -440,7 +450,22 @@ def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
                 _scatter_rows(grad_h, rows, n), grad_w, grad_b)
 
     run_main, advantage = run, None
-    if center and spec.mode == SAMPLED:
+    centred_op = _centred_op(impl) if center and spec.mode == SAMPLED else None
+    if centred_op is not None:
+        # The backend centres in its chunk loop: chunks cut at sequence boundaries know their
+        # means after their own forward (one pass, as without centring); only sequences longer
+        # than a chunk take a second pass, over their rows alone.
+        known = {}
+
+        def run_main(c, advantage, needs):
+            if "advantage" in known:  # a per-token backward: the advantage is known now
+                return run(c, known["advantage"], needs, student_only=True)
+            loss, stats, grad_h, grad_w, grad_b, adv = centred_op(
+                h, th, weight, bias, t_weight, t_bias, y, pick(c), pick(dense), spec, needs)
+            known["advantage"] = _scatter_rows(adv, rows, n)
+            return (_scatter_rows(loss, rows, n), _scatter_rows(stats, rows, n),
+                    _scatter_rows(grad_h, rows, n), grad_w, grad_b)
+    elif center and spec.mode == SAMPLED:
         # The per-sequence mean of A_t is a stop-gradient statistic, known only once every row
         # has been through the forward. grad_hidden's rows are linear in the advantage: a first
         # pass with a_t = 1 gives them and the statistics, scaled per row once the centred a_t is

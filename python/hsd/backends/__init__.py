@@ -16,6 +16,15 @@ coef, advantage, spec, needs)``
     A gradient whose ``needs`` flag is False is None and its work is skipped: no [V, H] buffer or
     GEMM without ``needs.weight``, no gradient pass at all without ``needs.any``; grad_bias is
     also None when bias is None.
+``fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+target_ids, coef, seq_ids, spec, needs)`` (optional; sampled mode with ``center=True``)
+    As ``fused``, with a_t = clip(A_t - mean of A over the coef != 0 tokens of t's sequence,
+    +-spec.signal_clip) in place of the given advantage; seq_ids: [N] int64 sequence ids.
+    Returns ``fused``'s five outputs plus the advantage a_t [N] (0 where coef is 0). Backends
+    cut their chunks at sequence boundaries, so a chunk of whole sequences knows its means after
+    its own forward and needs no second pass; only the rows of sequences that do not fit a chunk
+    are read twice. A backend without it gets ``hsd.loss``'s generic two-pass treatment; one
+    whose module sets ``CENTRED_TRACEABLE = True`` keeps it under ``torch.compile``.
 ``logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad)``
     The same from [N, V] logits; returns ``(token_loss, stats, grad_student_logits)``, the
     gradient None when ``compute_grad`` is False.

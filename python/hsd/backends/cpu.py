@@ -12,6 +12,8 @@ from .. import _extension
 from . import as_needs
 
 name = "cpu"
+# fused_centred is one opaque operator (its chunk plan is made inside it): torch.compile keeps it
+CENTRED_TRACEABLE = True
 
 
 def is_available() -> bool:
@@ -33,6 +35,19 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
         coef, advantage, *spec.op_args(), bool(needs.hidden), bool(needs.weight), grad_bias)
     return (loss, stats, grad_h if needs.hidden else None, grad_w if needs.weight else None,
             grad_b if grad_bias else None)
+
+
+def fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                  target_ids, coef, seq_ids, spec, needs):
+    """Sampled mode with per-sequence centring in one pass (see :mod:`hsd.backends`)."""
+    needs = as_needs(needs)
+    grad_bias = needs.bias and bias is not None
+    loss, stats, grad_h, grad_w, grad_b, advantage = torch.ops.hsd.fused_hindsight_centred(
+        student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
+        coef, seq_ids, float(spec.temperature), float(spec.signal_clip), bool(needs.hidden),
+        bool(needs.weight), grad_bias)
+    return (loss, stats, grad_h if needs.hidden else None, grad_w if needs.weight else None,
+            grad_b if grad_bias else None, advantage)
 
 
 def logits(student_logits, teacher_logits, target_ids, coef, advantage, spec, compute_grad):

@@ -6,6 +6,7 @@ when they are missing.
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,9 @@ def same_head(weight, bias, teacher_weight, teacher_bias) -> bool:
     return same(weight, teacher_weight) and same(bias, teacher_bias)
 
 
-def chunk_rows(n: int, vocab: int, budget: int = CHUNK_ELEMENTS) -> int:
+def chunk_rows(n: int, vocab: int, budget: Optional[int] = None) -> int:
+    """Rows per chunk: ``budget`` logits (default CHUNK_ELEMENTS, read at the call)."""
+    budget = CHUNK_ELEMENTS if budget is None else budget
     return max(1, min(n, budget // max(vocab, 1)))
 
 
@@ -198,3 +201,143 @@ def _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher
         if grad_b is not None:
             grad_b += g.sum(0)
     return token_loss, stats, grad_h, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampled mode with per-sequence centring in one pass (the optional fused_centred contract)
+# ----------------------------------------------------------------------------------------------
+def centring_plan(seq_ids, step: int):
+    """Sequence-aligned chunks for centring (one host sync).
+
+    Returns ``(chunks, deferred)``: lists of row indices. Each chunk holds whole sequences (a
+    sequence being one contiguous run of rows) and at most ``step`` rows, so their means are
+    known after the chunk's own forward. ``deferred`` holds the rows of every other sequence
+    (longer than a chunk, or split into several runs), which take two passes.
+    """
+    seq = seq_ids.tolist()
+    n = len(seq)
+    runs, runs_of = [], {}
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and seq[j] == seq[i]:
+            j += 1
+        runs.append((i, j - i))
+        runs_of[seq[i]] = runs_of.get(seq[i], 0) + 1
+        i = j
+    chunks, chunk, deferred = [], [], []
+    for start, length in runs:
+        if runs_of[seq[start]] == 1 and length <= step:
+            if len(chunk) + length > step:
+                chunks.append(chunk)
+                chunk = []
+            chunk.extend(range(start, start + length))
+        else:
+            deferred.extend(range(start, start + length))
+    if chunk:
+        chunks.append(chunk)
+    return chunks, deferred
+
+
+def centre(stats, coef, seq_ids, signal_clip):
+    """a_t = clip(A_t - mean of A over the valid rows of t's sequence), every sequence complete
+    in the given rows; 0 for masked rows (their gradient is 0 whatever a_t is)."""
+    adv, valid = stats[:, 2], coef != 0
+    _, dense = torch.unique(seq_ids, return_inverse=True)
+    zeros = adv.new_zeros(int(dense.max()) + 1 if dense.numel() else 0)
+    total = zeros.scatter_add(0, dense, torch.where(valid, adv, torch.zeros_like(adv)))
+    count = zeros.scatter_add(0, dense, valid.to(adv.dtype)).clamp_min(1)
+    a = adv - (total / count)[dense]
+    if signal_clip > 0:
+        a = a.clamp(-signal_clip, signal_clip)
+    return torch.where(valid, a, torch.zeros_like(a))
+
+
+def fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                  target_ids, coef, seq_ids, spec, needs):
+    """Sampled mode with centring: ``fused``'s outputs plus the centred advantage [N]."""
+    needs = as_needs(needs)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        return _fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight,
+                              teacher_bias, target_ids, coef, seq_ids, spec, needs)
+
+
+def _fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
+                   target_ids, coef, seq_ids, spec, needs):
+    # grad(coef * loss) is linear in a_t: the rows run with a_t = 1 and are scaled once the
+    # means are known (grad_h after g @ W, grad_W through the hidden rows: g^T (a * h))
+    n, vocab = student_hidden.shape[0], weight.shape[0]
+    device = student_hidden.device
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    token_loss = torch.empty(n, dtype=acc, device=device)
+    stats = torch.empty(n, 4, dtype=acc, device=device)
+    advantage = torch.empty(n, dtype=acc, device=device)
+    grad_h = torch.zeros_like(student_hidden) if needs.hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if needs.weight else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=device) \
+        if needs.bias and bias is not None else None
+    compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
+    up = (lambda x: None if x is None else x.to(acc))
+    w_s, b_s = up(weight), up(bias)
+    shared = same_head(weight, bias, teacher_weight, teacher_bias)
+    w_t, b_t = (w_s, b_s) if shared else (up(teacher_weight), up(teacher_bias))
+    step = chunk_rows(n, vocab)
+    chunks, deferred = centring_plan(seq_ids, step)
+
+    def forward(idx, student_only=False):
+        h = student_hidden[idx].to(acc)
+        s = F.linear(h, w_s, b_s)
+        t = s if student_only else F.linear(teacher_hidden[idx].to(acc), w_t, b_t)
+        return h, s, t
+
+    # chunks of whole sequences: one pass, as without centring
+    for rows in chunks:
+        idx = torch.tensor(rows, device=device)
+        h, s, t = forward(idx)
+        c = coef[idx]
+        loss_i, stats_i, g = token_terms(s, t, target_ids[idx], c, torch.ones_like(c), spec,
+                                         compute_grad)
+        a = centre(stats_i, c, seq_ids[idx], spec.signal_clip)
+        token_loss[idx], stats[idx], advantage[idx] = loss_i * a, stats_i, a
+        if g is None:
+            continue
+        if grad_h is not None:
+            grad_h[idx] = ((g @ w_s) * a[:, None]).to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h * a[:, None])
+        if grad_b is not None:
+            grad_b += g.t() @ a
+    if not deferred:
+        return token_loss, stats, grad_h, grad_w, grad_b, advantage
+    # sequences that do not fit a chunk: statistics and grad_h first, grad_W in a second pass
+    didx = torch.tensor(deferred, device=device)
+    m = didx.numel()
+    loss_d = torch.empty(m, dtype=acc, device=device)
+    stats_d = torch.empty(m, 4, dtype=acc, device=device)
+    unit_gh = torch.empty(m, student_hidden.shape[1], dtype=acc, device=device) \
+        if grad_h is not None else None
+    coef_d = coef[didx]
+    for i in range(0, m, step):
+        part = slice(i, min(i + step, m))
+        _, s, t = forward(didx[part])
+        loss_d[part], stats_d[part], g = token_terms(
+            s, t, target_ids[didx[part]], coef_d[part], torch.ones_like(coef_d[part]), spec,
+            unit_gh is not None)
+        if unit_gh is not None:
+            unit_gh[part] = g @ w_s
+    a_d = centre(stats_d, coef_d, seq_ids[didx], spec.signal_clip)
+    token_loss[didx], stats[didx], advantage[didx] = loss_d * a_d, stats_d, a_d
+    if grad_h is not None:
+        grad_h[didx] = (unit_gh * a_d[:, None]).to(grad_h.dtype)
+    if grad_w is None and grad_b is None:
+        return token_loss, stats, grad_h, grad_w, grad_b, advantage
+    for i in range(0, m, step):
+        part = slice(i, min(i + step, m))
+        h, s, _ = forward(didx[part], student_only=True)
+        # the advantage is known now: the rows give the gradient itself
+        _, _, g = token_terms(s, s, target_ids[didx[part]], coef_d[part], a_d[part], spec, True)
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h)
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    return token_loss, stats, grad_h, grad_w, grad_b, advantage
