@@ -15,7 +15,8 @@ eager. Prints a table and writes JSON.
 
 ``--scenarios`` runs the "no wasted work" rows instead, each against eager doing the same thing,
 all interleaved in one process: a trainable sampled step, a frozen LM head, a no-grad forward,
-75% of the tokens masked, ``center=True``, top-k k=64 and full alpha=0.5:
+75% of the tokens masked, ``center=True`` (packed sequences of ``--seq-len`` tokens, and one
+sequence of all N tokens), top-k k=64 and full alpha=0.5:
 
     python bench/bench_loss.py --scenarios --n 1024 --h 512 --v 65536 --impl eager hsd-cpu
 """
@@ -76,7 +77,16 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------- implementations
-def eager_loss(hs, ht, w, y, mode, alpha, topk, weights=None, center=False):
+def _centre_eager(adv, valid, seq_ids):
+    """adv minus its mean over the valid tokens of each sequence (one sequence without ids)."""
+    if seq_ids is None:
+        return adv - (adv * valid).sum() / valid.sum().clamp_min(1)
+    total = adv.new_zeros(int(seq_ids.max()) + 1).index_add_(0, seq_ids, adv * valid)
+    count = adv.new_zeros(total.shape).index_add_(0, seq_ids, valid.to(adv.dtype))
+    return adv - (total / count.clamp_min(1))[seq_ids]
+
+
+def eager_loss(hs, ht, w, y, mode, alpha, topk, weights=None, center=False, seq_ids=None):
     """What a trainer without hsd does: full logits on both sides, then the divergence."""
     s = (hs @ w.T).float()
     with torch.no_grad():
@@ -85,11 +95,11 @@ def eager_loss(hs, ht, w, y, mode, alpha, topk, weights=None, center=False):
     if mode == "sampled":
         lp_s_y = lp_s.gather(1, y[:, None])[:, 0]
         adv = lp_t.gather(1, y[:, None])[:, 0] - lp_s_y.detach()
-        if weights is None:
-            return (-(adv - adv.mean() if center else adv) * lp_s_y).mean()
-        valid = weights != 0
+        valid = torch.ones_like(adv) if weights is None else (weights != 0).to(adv.dtype)
         if center:
-            adv = adv - (adv * valid).sum() / valid.sum().clamp_min(1)
+            adv = _centre_eager(adv, valid, seq_ids)
+        if weights is None:
+            return (-adv * lp_s_y).mean()
         return (-adv * lp_s_y * weights).sum() / weights.sum()
     if mode == "full" and alpha == 1.0:
         return F.kl_div(lp_t, lp_s, reduction="none", log_target=True).sum(-1).mean()
@@ -169,32 +179,36 @@ SCENARIOS = {
     "frozen-head": dict(mode="sampled", frozen_head=True),
     "no-grad": dict(mode="sampled", no_grad=True),
     "masked-75%": dict(mode="sampled", masked=0.75),
-    "center": dict(mode="sampled", center=True),
+    "center": dict(mode="sampled", center=True),  # packed sequences of --seq-len tokens
+    "center-1seq": dict(mode="sampled", center=True, one_sequence=True),  # all N tokens one
     "topk-64": dict(mode="topk", topk=64, alpha=1.0),
     "full-a0.5": dict(mode="full", alpha=0.5),
 }
 # what each scenario's hsd time is held against (issue 7's targets)
 TARGETS = {"frozen-head": ("trainable", 0.7), "no-grad": ("trainable", 0.7),
            "masked-75%": ("trainable", 0.4), "center": ("trainable", 1.1),
+           "center-1seq": ("trainable", 1.1),
            "topk-64": ("eager", 0.8), "full-a0.5": ("eager", 0.8)}
 
 
-def scenario_runner(kind, scenario, hs, ht, w, w_frozen, y, weights):
+def scenario_runner(kind, scenario, hs, ht, w, w_frozen, y, weights, seq_ids):
     """A step of ``kind`` (eager or hsd-<backend>) for one scenario; returns a loss."""
     sc = SCENARIOS[scenario]
+    seq_ids = None if sc.get("one_sequence") else seq_ids
     head = w_frozen if sc.get("frozen_head") else w
     mask = weights if sc.get("masked") else None
     mode, alpha, topk = sc["mode"], sc.get("alpha", 1.0), sc.get("topk")
     if kind == "eager":
         def step():
             return eager_loss(hs, ht, head, y, mode, alpha, topk, weights=mask,
-                              center=sc.get("center", False))
+                              center=sc.get("center", False), seq_ids=seq_ids)
     else:
         backend = "torch" if kind == "chunked" else kind.removeprefix("hsd-")
 
         def step():
             return hsd.fused_hindsight_loss(hs, ht, head, y, mode=mode, alpha=alpha, topk=topk,
                                             weights=mask, center=sc.get("center", False),
+                                            seq_ids=seq_ids,
                                             reduction="token_mean", backend=backend)
     if sc.get("no_grad"):
         def no_grad_step():
@@ -209,9 +223,12 @@ def run_scenarios(args, hs, ht, w, y, device):
     names = args.only or list(SCENARIOS)
     w_frozen = w.detach()
     weights = (torch.rand(args.n, device=device) >= 0.75).float()  # 75% of the tokens masked
-    runners = {(sc, k): scenario_runner(k, sc, hs, ht, w, w_frozen, y, weights)
+    # packed sequences (only centring depends on them: it subtracts each sequence's mean)
+    seq_ids = torch.arange(args.n, device=device) // args.seq_len
+    runners = {(sc, k): scenario_runner(k, sc, hs, ht, w, w_frozen, y, weights, seq_ids)
                for sc in names for k in kinds}
     print(f"hsd bench (scenarios): N={args.n} H={args.h} V={args.v} {args.dtype} device={device} "
+          f"seq_len={args.seq_len} "
           f"threads={torch.get_num_threads()} ({platform.processor() or platform.machine()})",
           flush=True)
     if device.type == "cuda":
@@ -276,6 +293,9 @@ def main(argv=None):
     p.add_argument("--scenarios", action="store_true",
                    help="the no-wasted-work rows (frozen head, no-grad, masked, center, topk, JSD)")
     p.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="subset of --scenarios")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per packed sequence in --scenarios (centring is per sequence; "
+                        "center-1seq makes all N tokens one sequence)")
     args = p.parse_args(argv)
     if args.mode == "topk" and args.topk is None:
         args.topk = 64
