@@ -464,7 +464,7 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _choose_strategy(view: _ModelView, requested: str, needs_reuse: bool) -> str:
+def _choose_strategy(view: _ModelView, requested: str) -> str:
     if requested not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {requested!r}")
     if not view.reusable:
@@ -695,7 +695,7 @@ def hindsight_hidden_states(
     device = view.decoder.get_input_embeddings().weight.device
     tb = TreeBatch.from_batch(batch, device)
     teacher_view = _ModelView(teacher_model) if teacher_model is not None else view
-    chosen = _choose_strategy(teacher_view if teacher != "live" else view, strategy, needs_reuse=True)
+    chosen = _choose_strategy(teacher_view if teacher != "live" else view, strategy)
 
     reuse_student = teacher == "live" and chosen != "full"
     student_hidden, layers = _student_pass(view, tb, keep_cache=reuse_student)
