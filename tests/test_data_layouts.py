@@ -421,18 +421,22 @@ def test_tokenisation_grows_linearly_with_turns(tokenizers):
     tok = tokenizers["chatml"]
     r = ChatRenderer.for_tokenizer(tok)
     counts = {}
-    encode, render = r.encode, r.render
+    encode, encode_batch, render = r.encode, r.encode_batch, r.render
 
     def counting_encode(text, split=False):
         counts["encoded"] += len(text)
         return encode(text, split)
+
+    def counting_encode_batch(texts, split=False):
+        counts["encoded"] += sum(map(len, texts))
+        return encode_batch(texts, split)
 
     def counting_render(messages, generation_prompt, where):
         text = render(messages, generation_prompt, where)
         counts["rendered"] += len(text)
         return text
 
-    r.encode, r.render = counting_encode, counting_render
+    r.encode, r.encode_batch, r.render = counting_encode, counting_encode_batch, counting_render
     try:
         per_turns = {}
         for turns in (20, 40, 80):
@@ -447,7 +451,7 @@ def test_tokenisation_grows_linearly_with_turns(tokenizers):
                 run()
                 per_turns[layout, turns] = dict(counts)
     finally:
-        del r.encode, r.render
+        del r.encode, r.encode_batch, r.render
     for layout in ("packed", "tuple"):
         for key in ("encoded", "rendered"):
             assert per_turns[layout, 80][key] <= 2.3 * per_turns[layout, 40][key], (layout, key, per_turns)
