@@ -413,6 +413,48 @@ def test_windows_share_and_give_every_reply_half_a_window_of_context(tokenizers,
         assert 1.0 < report.student_token_ratio < 2.3
 
 
+def test_window_plan_is_the_least_student_tokens_any_plan_can_have(tokenizers):
+    # The planner's dynamic programme against exhaustive search, on its own token estimates
+    # (exact for ChatML up to a window's first markup token or two): every split of the replies
+    # into consecutive groups, each group at its best start (any user message giving its first
+    # reply min(history, L/2) tokens of context, at most L tokens). Non-consecutive groups are
+    # never better: a window spans from its start to its last reply, so it holds the replies in
+    # between anyway. So no plan of whole-message windows gets a lower student-token ratio.
+    import itertools
+
+    from hsd.data import tokenization as T
+    from hsd.data.render import ChatRenderer
+    from hsd.data.testing import synthetic_conversation
+
+    r = ChatRenderer.for_tokenizer(tokenizers["chatml"])
+    # A conversation where filling each window in turn costs 6% more than the optimum.
+    messages = synthetic_conversation(11, seed=2, user_words=(3, 20), assistant_words=(10, 60))
+    conv = T._Conversation(r, messages, "test")
+    replies = [j for j in range(conv.first + 1, len(messages)) if messages[j]["role"] == "assistant"]
+    starts = T._window_starts(conv)
+    length = 4 * conv.est_length(conv.first, replies) // 10
+    need = {j: min(length // 2, conv.est_context(conv.first, j)) for j in replies}
+
+    def best_window(group):
+        costs = [conv.est_length(s, group) for s in starts if s < group[0] and conv.est_context(s, group[0]) >= need[group[0]]]
+        return min([c for c in costs if c <= length], default=None)
+
+    best = None
+    for cuts in itertools.product([False, True], repeat=len(replies) - 1):
+        groups, group = [], [replies[0]]
+        for cut, j in zip(cuts, replies[1:]):
+            if cut:
+                groups.append(group)
+                group = []
+            group.append(j)
+        costs = [best_window(g) for g in groups + [group]]
+        if None not in costs and (best is None or sum(costs) < best):
+            best = sum(costs)
+    plan = T._plan_windows(conv, replies, length, starts)
+    assert len(plan) >= 3 and all(s is not None for s, _, _ in plan)
+    assert sum(conv.est_length(s, replies[i:k]) for s, i, k in plan) == best
+
+
 def test_tokenisation_grows_linearly_with_turns(tokenizers):
     # Count what is encoded and rendered, not seconds: doubling the turns at most ~doubles both.
     from hsd.data.render import ChatRenderer
