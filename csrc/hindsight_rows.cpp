@@ -180,6 +180,35 @@ inline T lp_of(T x, T m, T inv_temp, T lz) { return (x - m) * inv_temp - lz; }
 template <typename T>
 void fill(T* x, int64_t n, T value) { std::fill(x, x + n, value); }
 
+template <typename T>
+struct Sums2 {
+  T a, b;
+};
+
+// Adds to *a and *b the row sums of the two terms term(i, lp_s[i], lp_t[i]) returns (a Sums2),
+// vectorised in T over blocks of kBlock entries and carried across blocks in double. ``term``
+// may write entry i of the student row (read before the call) and of scratch rows.
+template <typename T, typename Term>
+inline void row_sums2(const RowContext<T>& c, double* a, double* b, const Term& term) {
+  // not __restrict: ``term`` writes the student row through its own pointer
+  const T* s = c.s;
+  const T* t = c.t;
+  const int64_t n = c.vocab;
+  for (int64_t lo = 0; lo < n; lo += kBlock) {
+    const int64_t hi = std::min(n, lo + kBlock);
+    T part_a = 0, part_b = 0;
+#pragma omp simd reduction(+ : part_a, part_b)
+    for (int64_t i = lo; i < hi; ++i) {
+      const Sums2<T> v = term(i, lp_of(s[i], c.ms, c.inv_temp, c.lzs),
+                              lp_of(t[i], c.mt, c.inv_temp, c.lzt));
+      part_a += v.a;
+      part_b += v.b;
+    }
+    *a += static_cast<double>(part_a);
+    *b += static_cast<double>(part_b);
+  }
+}
+
 // Full-vocabulary divergence. With ``grad`` the student row ends up holding the slope H and
 // ``scratch`` p_s (alpha > 0), or p_s and p_t (alpha = 0); returns D and sets ``slope_sum``.
 // Where one side's probability underflows to 0 while the other side is -inf, the term is the
@@ -212,24 +241,14 @@ double full_pass(const RowContext<T>& c, double alpha, T* scratch, double* slope
     }
     sum = d;
   } else if (alpha == 0.0) {
-    for (int64_t b = 0; b < n; b += kBlock) {
-      const int64_t e = std::min(n, b + kBlock);
-      T part_d = 0, part_pt = 0;
-#pragma omp simd reduction(+ : part_d, part_pt)
-      for (int64_t i = b; i < e; ++i) {
-        const T lps = lp_of(s[i], c.ms, c.inv_temp, c.lzs);
-        const T lpt = lp_of(t[i], c.mt, c.inv_temp, c.lzt);
-        const T pt = exp_vec(lpt);
-        part_d += lpt == ninf ? T(0) : (lps == ninf ? pinf : pt * (lpt - lps));
-        part_pt += pt;
-        if (kGrad) {
-          s[i] = exp_vec(lps);
-          sc[i] = pt;
-        }
+    row_sums2(c, &d, &sum, [&](int64_t i, T lps, T lpt) {
+      const T pt = exp_vec(lpt);
+      if (kGrad) {
+        s[i] = exp_vec(lps);
+        sc[i] = pt;
       }
-      d += static_cast<double>(part_d);
-      sum += static_cast<double>(part_pt);
-    }
+      return Sums2<T>{lpt == ninf ? T(0) : (lps == ninf ? pinf : pt * (lpt - lps)), pt};
+    });
     sum = -sum;  // the slope is -p_t
   } else {
     // The mixture in log space, log((1-a) p_s + a p_t) = logaddexp(lp_s + log(1-a),
@@ -237,27 +256,17 @@ double full_pass(const RowContext<T>& c, double alpha, T* scratch, double* slope
     const T wa = static_cast<T>(1.0 - alpha);
     const T la = static_cast<T>(std::log1p(-alpha)), lb = static_cast<T>(std::log(alpha));
     double sum_ts = 0.0, sum_tt = 0.0;
-    for (int64_t b = 0; b < n; b += kBlock) {
-      const int64_t e = std::min(n, b + kBlock);
-      T part_s = 0, part_t = 0;
-#pragma omp simd reduction(+ : part_s, part_t)
-      for (int64_t i = b; i < e; ++i) {
-        const T lps = lp_of(s[i], c.ms, c.inv_temp, c.lzs);
-        const T lpt = lp_of(t[i], c.mt, c.inv_temp, c.lzt);
-        const T ps = exp_vec(lps), pt = exp_vec(lpt);
-        const T lm = logaddexp_vec(lps + la, lpt + lb);
-        const T ts = lps == ninf ? T(0) : ps * (lps - lm);
-        const T tt = lpt == ninf ? T(0) : pt * (lpt - lm);
-        if (kGrad) {
-          s[i] = wa * ts;
-          sc[i] = ps;
-        }
-        part_s += ts;
-        part_t += tt;
+    row_sums2(c, &sum_ts, &sum_tt, [&](int64_t i, T lps, T lpt) {
+      const T ps = exp_vec(lps), pt = exp_vec(lpt);
+      const T lm = logaddexp_vec(lps + la, lpt + lb);
+      const T ts = lps == ninf ? T(0) : ps * (lps - lm);
+      const T tt = lpt == ninf ? T(0) : pt * (lpt - lm);
+      if (kGrad) {
+        s[i] = wa * ts;
+        sc[i] = ps;
       }
-      sum_ts += static_cast<double>(part_s);
-      sum_tt += static_cast<double>(part_t);
-    }
+      return Sums2<T>{ts, tt};
+    });
     sum = (1.0 - alpha) * sum_ts;
     d = sum + alpha * sum_tt;
   }

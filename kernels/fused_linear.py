@@ -34,17 +34,17 @@ gradients (a logit of 10 is rounded by 0.03). ``HSD_TRITON_LOGITS=half`` (or
 softmax passes (bf16: ~16-22 bytes per logit in all instead of ~26-38) for that accuracy.
 """
 
-import logging
 import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from hsd.backends.gemm import out_dtype_mm_supported
+
 from .row_divergence import TOPK, device_guard, launch_rows
 from .topk import topk_support
 
-logger = logging.getLogger("hsd")
 
 # logits per side per chunk: 2^28 = 2048 rows of a 128k vocabulary (2 GiB of float32 pairs)
 CHUNK_ELEMENTS = int(os.environ.get("HSD_TRITON_CHUNK_ELEMENTS", 1 << 28))
@@ -54,34 +54,6 @@ def chunk_rows(n: int, vocab: int, budget: Optional[int] = None) -> int:
     budget = CHUNK_ELEMENTS if budget is None else budget
     rows = max(1, min(n, budget // max(vocab, 1)))
     return rows - rows % 128 if rows > 128 else rows
-
-
-_OUT_DTYPE_MM: dict = {}  # (device type, dtype) -> whether mm / addmm take out_dtype=float32
-
-
-def out_dtype_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch / cuBLAS multiplies ``dtype`` operands into a float32 result
-    (``torch.mm`` / ``torch.addmm`` with ``out_dtype=torch.float32``), probed once on 1 x 1
-    operands and logged. Only an unsupported signature counts as "no": the probe cannot run
-    out of memory, and the real GEMMs are never wrapped in a fallback that would turn an
-    out-of-memory error into a silent switch to float32 copies of the head (~10x slower)."""
-    key = (device.type, dtype)
-    if key not in _OUT_DTYPE_MM:
-        a = torch.ones(1, 1, device=device, dtype=dtype)
-        out = torch.zeros(1, 1, device=device, dtype=torch.float32)
-        try:
-            torch.mm(a, a, out_dtype=torch.float32, out=out)
-            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-            _OUT_DTYPE_MM[key] = True
-            logger.debug("hsd triton: %s GEMMs write float32 through out_dtype", dtype)
-        except (TypeError, RuntimeError) as err:
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
-            _OUT_DTYPE_MM[key] = False
-            logger.warning("hsd triton: torch.mm(out_dtype=float32) is unavailable for %s on %s "
-                           "(%s); the fused loss uses float32 copies of the LM head instead "
-                           "(slower)", dtype, device.type, str(err).splitlines()[0])
-    return _OUT_DTYPE_MM[key]
 
 
 def _mm_fp32(a: Tensor, b: Tensor, out: Tensor, accumulate: bool, fallback) -> None:

@@ -346,7 +346,10 @@ def test_out_dtype_probe_lets_out_of_memory_through(monkeypatch):
     """Only an unsupported signature selects the float32 fallback; an OOM is an OOM."""
     from helpers import check_out_dtype_mm_probe
 
-    check_out_dtype_mm_probe(monkeypatch, cuda_backend, cuda_backend._out_dtype_mm_supported)
+    from hsd.backends import gemm
+
+    assert cuda_backend.out_dtype_mm_supported is gemm.out_dtype_mm_supported  # one probe
+    check_out_dtype_mm_probe(monkeypatch, gemm, gemm.out_dtype_mm_supported)
 
 
 def _full_term_twin(lps, lpt, alpha):

@@ -519,7 +519,10 @@ def test_out_dtype_probe_lets_out_of_memory_through(monkeypatch):
     from helpers import check_out_dtype_mm_probe
 
     fused_linear = triton_backend.kernels().fused_linear
-    check_out_dtype_mm_probe(monkeypatch, fused_linear, fused_linear.out_dtype_mm_supported)
+    from hsd.backends import gemm
+
+    assert fused_linear.out_dtype_mm_supported is gemm.out_dtype_mm_supported  # one probe
+    check_out_dtype_mm_probe(monkeypatch, gemm, gemm.out_dtype_mm_supported)
 
 
 def test_device_guard_targets_the_tensors_gpu():

@@ -7,15 +7,13 @@ the LM head; extra memory is O(chunk x V). Float64 inputs go to the portable bac
 Available only when the extension was built against a CUDA-enabled torch and a GPU is present.
 """
 
-import logging
-
 import torch
 
 from .. import _extension
 from . import as_needs, torch_chunked
+from .gemm import out_dtype_mm_supported
 
 name = "cuda"
-logger = logging.getLogger("hsd")
 CHUNK_ELEMENTS = 1 << 26  # float32 logits per chunk buffer (three buffers live at once)
 
 
@@ -26,32 +24,6 @@ def is_available() -> bool:
 
 def supports(device: torch.device) -> bool:
     return device.type == "cuda"
-
-
-_OUT_DTYPE_MM: dict = {}  # (device type, dtype) -> whether mm / addmm take out_dtype=float32
-
-
-def _out_dtype_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm`` / ``torch.addmm`` multiply ``dtype`` operands into float32
-    (``out_dtype=``), probed once on 1 x 1 operands and logged. Only an unsupported signature
-    counts as "no": the real products are never wrapped in a fallback, so an out-of-memory error
-    propagates instead of silently switching the run to slower float32 copies of the head."""
-    key = (device.type, dtype)
-    if key not in _OUT_DTYPE_MM:
-        a = torch.ones(1, 1, device=device, dtype=dtype)
-        out = torch.zeros(1, 1, device=device, dtype=torch.float32)
-        try:
-            torch.mm(a, a, out_dtype=torch.float32, out=out)
-            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-            _OUT_DTYPE_MM[key] = True
-        except (TypeError, RuntimeError) as err:
-            if isinstance(err, torch.OutOfMemoryError):
-                raise
-            _OUT_DTYPE_MM[key] = False
-            logger.warning("hsd cuda: torch.mm(out_dtype=float32) is unavailable for %s (%s); "
-                           "the fused loss multiplies float32 copies of the LM head instead",
-                           dtype, str(err).splitlines()[0])
-    return _OUT_DTYPE_MM[key]
 
 
 class _Float32:
@@ -70,7 +42,7 @@ def _mm_into(out, a, b, accumulate, a32, b32):
     """out (float32) = / += a @ b in place: half operands accumulate and store in float32 on the
     tensor cores (``out_dtype``), so no [V, H] temporary is allocated per chunk; ``a32`` / ``b32``
     give float32 operands where this torch cannot do that."""
-    if a.dtype == torch.float32 or not _out_dtype_mm_supported(out.device, a.dtype):
+    if a.dtype == torch.float32 or not out_dtype_mm_supported(out.device, a.dtype):
         a, b = (a, b) if a.dtype == torch.float32 else (a32(), b32())
         if accumulate:
             out.addmm_(a, b)
