@@ -10,21 +10,10 @@ teacher, histories cut (``history_messages``, windows) and uncut.
 
 import pytest
 
-from hsd.data import (
-    DataReport,
-    HindsightTemplate,
-    InteractionTuple,
-    LayoutConfig,
-    conversation_tuples,
-    extract_tuples,
-    group_by_conversation,
-    iter_examples,
-    read_conversations,
-    tokenize_conversation,
-    tokenize_tuple,
-)
+from hsd.data import (DataReport, HindsightTemplate, InteractionTuple, LayoutConfig, conversation_tuples, iter_examples,
+                      tokenize_conversation, tokenize_tuple)
 from hsd.data.records import Conversation
-from hsd.data.testing import synthetic_wildchat_rows, tiny_chat_tokenizer
+from hsd.data.testing import synthetic_tuple_groups, tiny_chat_tokenizer
 
 # (style, chat_template_kwargs, end-of-turn token the template closes replies with)
 STYLES = [
@@ -48,8 +37,7 @@ def tokenizers():
 
 @pytest.fixture(scope="module")
 def groups():
-    rows = synthetic_wildchat_rows(6, seed=21, min_turns=3, max_turns=5)
-    groups = list(group_by_conversation(extract_tuples(read_conversations(rows))))
+    groups = synthetic_tuple_groups(6, seed=21, min_turns=3, max_turns=5)
     system = Conversation(
         [{"role": "system", "content": "Be brief and kind."}] + list(groups[0][-1].x) + [
             {"role": "assistant", "content": groups[0][-1].y}, {"role": "user", "content": groups[0][-1].o}],

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["CHAT_TEMPLATES", "tiny_chat_tokenizer", "synthetic_wildchat_rows", "synthetic_conversation", "WORDS"]
+__all__ = ["CHAT_TEMPLATES", "tiny_chat_tokenizer", "synthetic_wildchat_rows", "synthetic_tuple_groups",
+           "synthetic_conversation", "WORDS"]
 
 _CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -203,6 +204,16 @@ def synthetic_wildchat_rows(n: int, seed: int = 0, min_turns: int = 1, max_turns
             "hashed_ip": f"ip{i % 13}", "country": "Switzerland", "state": None,
         })
     return rows
+
+
+def synthetic_tuple_groups(n: int, seed: int = 0, min_turns: int = 1, max_turns: int = 4) -> list[list]:
+    """The interaction tuples of :func:`synthetic_wildchat_rows`, read as a WildChat file is
+    (readers, tuple extraction) and grouped by conversation."""
+    from .readers import read_conversations
+    from .tuples import extract_tuples, group_by_conversation
+
+    rows = synthetic_wildchat_rows(n, seed=seed, min_turns=min_turns, max_turns=max_turns)
+    return list(group_by_conversation(extract_tuples(read_conversations(rows))))
 
 
 def synthetic_conversation(turns: int, seed: int = 0, user_words=(10, 60), assistant_words=(40, 200),
