@@ -277,6 +277,62 @@ def run_scenarios(args, hs, ht, w, y, device):
     return rows
 
 
+def gemm_units(args, device):
+    """The parts of the hsd-cpu sampled step at this shape, timed one chunk at a time and scaled
+    to N tokens: the forward GEMM of a chunk's two sides, grad_h = g @ W, grad_W += g^T h and
+    the sampled rows (with and without their gradient). What no implementation of a frozen
+    head, a no-grad step or a two-pass centring can avoid follows from these by arithmetic."""
+    vocab, hidden = args.v, args.h
+    rows = int(os.environ.get("HSD_CPU_CHUNK_ROWS") or max(32, (1 << 24) // (2 * vocab)))
+    rows = min(rows, args.n)
+    scale = args.n / rows
+    torch.manual_seed(0)
+    w = torch.randn(vocab, hidden, device=device) / hidden ** 0.25
+    h2 = torch.randn(2 * rows, hidden, device=device) / hidden ** 0.25
+    both = torch.empty(2 * rows, vocab, device=device)
+    grad_h = torch.empty(rows, hidden, device=device)
+    grad_w = torch.zeros(vocab, hidden, device=device)
+    y = torch.randint(0, vocab, (rows,), device=device)
+    coef = torch.full((rows,), 1.0 / args.n, device=device)
+    hsd.select_backend(device, "cpu")  # loads torch.ops.hsd
+
+    def rows_kernel(grad):
+        s = both[:rows].clone()
+        return lambda: torch.ops.hsd.hindsight_from_logits(
+            s, both[rows:], y, coef, None, 0, 1.0, 1.0, 0, False, True, 0.0, 0.0, grad)
+
+    parts = {
+        "forward GEMM (both sides)": lambda: torch.mm(h2, w.T, out=both),
+        "grad_h GEMM": lambda: torch.mm(both[:rows], w, out=grad_h),
+        "grad_W GEMM": lambda: grad_w.addmm_(both[:rows].T, h2[:rows]),
+        "rows with gradient": rows_kernel(True),
+        "rows, no gradient": rows_kernel(False),
+    }
+    torch.mm(h2, w.T, out=both)
+    seconds = {}
+    for name, fn in parts.items():
+        times = []
+        for _ in range(max(args.repeats, 1) + 1):
+            start = time.process_time()
+            fn()
+            times.append(time.process_time() - start)
+        seconds[name] = min(times[1:]) * scale  # the first call warms caches and the pool
+    f, gh, gw = (seconds[k] for k in ("forward GEMM (both sides)", "grad_h GEMM", "grad_W GEMM"))
+    r, r0 = seconds["rows with gradient"], seconds["rows, no gradient"]
+    trainable = f + gh + gw + r
+    print(f"hsd-cpu step parts: N={args.n} H={hidden} V={vocab} chunk={rows} rows "
+          f"threads={torch.get_num_threads()} (process CPU s per step, min of {args.repeats})")
+    print("| part | s per step | share of the trainable step |\n|---|---|---|")
+    for name, value in seconds.items():
+        print(f"| {name} | {value:.3f} | {value / trainable:.3f} |")
+    print(f"\nfloors from these parts (× trainable = F + Gh + Gw + R = {trainable:.3f} s):")
+    print(f"  frozen head  (F + Gh + R)        {(f + gh + r) / trainable:.3f}")
+    print(f"  no-grad      (F + R0)            {(f + r0) / trainable:.3f}")
+    print(f"  two-pass centring (+ F/2 + Gw's row pass: F/2 + R) "
+          f"{(trainable + f / 2 + r) / trainable:.3f}")
+    return [{"part": k, "seconds": v, "share": v / trainable} for k, v in seconds.items()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=4096, help="tokens")
@@ -293,6 +349,8 @@ def main(argv=None):
     p.add_argument("--scenarios", action="store_true",
                    help="the no-wasted-work rows (frozen head, no-grad, masked, center, topk, JSD)")
     p.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="subset of --scenarios")
+    p.add_argument("--gemm-units", action="store_true",
+                   help="time the parts of the hsd-cpu step (GEMMs, rows) at this shape instead")
     p.add_argument("--seq-len", type=int, default=128,
                    help="tokens per packed sequence in --scenarios (centring is per sequence; "
                         "center-1seq makes all N tokens one sequence)")
@@ -306,6 +364,10 @@ def main(argv=None):
     ht = (hs.detach() + 0.1 * torch.randn_like(hs)).to(dtype)
     w = (torch.randn(args.v, args.h, device=device) / args.h ** 0.25).to(dtype).requires_grad_()
     y = torch.randint(0, args.v, (args.n,), device=device)
+    if args.gemm_units:
+        rows = gemm_units(args, device)
+        _write(args, rows)
+        return rows
     if args.scenarios:
         rows = run_scenarios(args, hs, ht, w, y, device)
         _write(args, rows)
