@@ -45,13 +45,23 @@ def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = base.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"{type(base).__name__} has no linear output embedding (get_output_embeddings())")
-    config = getattr(base, "config", None)
+    transform = logit_transform(getattr(base, "config", None))
+    if transform is not None:
+        raise ValueError(f"{type(base).__name__} transforms its logits ({transform[0]}={transform[1]}); the fused "
+                         "hindsight loss computes log-softmax of hidden @ weight.T and would score another "
+                         "distribution")
+    return head.weight, getattr(head, "bias", None)
+
+
+def logit_transform(config) -> tuple[str, object] | None:
+    """``(attribute, value)`` of the first setting in ``config`` by which the model changes its
+    logits after the head (softcapping, scaling), or None. The fused loss scores
+    log-softmax(hidden @ W.T), so a model with such a setting cannot be trained with it."""
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
-            raise ValueError(f"{type(base).__name__} transforms its logits ({name}={value}); the fused hindsight "
-                             "loss computes log-softmax of hidden @ weight.T and would score another distribution")
-    return head.weight, getattr(head, "bias", None)
+            return name, value
+    return None
 
 
 def hindsight_step(

@@ -126,6 +126,8 @@ def _check_model_config(model_args: ModelArguments, args) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .step import logit_transform
+
     name = model_args.model_name_or_path
     if _is_local(name) and not Path(name).expanduser().is_dir():
         raise FileNotFoundError(f"{name}: no such model directory")
@@ -135,12 +137,10 @@ def _check_model_config(model_args: ModelArguments, args) -> None:
         raise OSError(f"{name}: cannot read the model's configuration: {str(e).splitlines()[0]}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not model_args.trust_remote_code:
         raise ValueError(f"{name}: model type {config.model_type!r} is not a causal LM transformers can load")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        value = getattr(text, attr, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"{name}: the model transforms its logits ({attr}={value}); the fused hindsight loss "
-                             "scores log-softmax(hidden @ W.T) and cannot train it")
+    transform = logit_transform(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    if transform is not None:
+        raise ValueError(f"{name}: the model transforms its logits ({transform[0]}={transform[1]}); the fused "
+                         "hindsight loss scores log-softmax(hidden @ W.T) and cannot train it")
     if args.teacher == "base" and not model_args.use_peft:
         raise ValueError("--teacher base is the model with its LoRA adapter disabled: add --use_peft")
     attn = model_args.attn_implementation or ""
