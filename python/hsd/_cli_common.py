@@ -17,5 +17,6 @@ def json_object(text: str) -> dict:
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"invalid JSON ({e.msg} at column {e.colno}): {text!r}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
     return value
