@@ -196,3 +196,15 @@ def test_contents_holding_the_sentinel_characters_and_rewritten_contents(tokeniz
     assert text[a:b] == "assistant <|im_end|>"
     assert tokenized.ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 3  # the template's three
     assert r.decode(tokenized.ids) == text
+
+
+@pytest.mark.parametrize("first", ["a", "s", "im", "user", "<|im_start|>"])
+def test_student_and_teacher_share_the_template_markup_before_a_colliding_first_message(tokenizers, first):
+    # A first user message found inside "<|im_start|>" used to break that marker into text in
+    # one rendering and not in the other, so the two shared no first token.
+    tok = tokenizers["chatml"]
+    t = InteractionTuple([{"role": "user", "content": first}], "b", "Shorter.", "c", 0, 1)
+    header = tok.encode("<|im_start|>user\n", add_special_tokens=False)
+    for template in ("online", "offline"):
+        ex = tokenize_tuple(t, tok, template)
+        assert ex.prefix_len >= len(header) and ex.student_ids[: len(header)] == header
