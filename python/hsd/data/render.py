@@ -330,6 +330,10 @@ class ChatRenderer:
             for text, ids in zip(texts, self.encode_batch(texts, flag)):
                 self._memoise(text, flag, ids)
 
+    def prefetch(self, contents: list[str]) -> None:
+        """Encode message contents (special tokens split) into the segment cache in one batch."""
+        self._encode_segments([(text, True) for text in contents])
+
     def _memoise(self, text: str, split_special_tokens: bool, ids: list[int]) -> None:
         if self._segment_tokens + len(ids) > self._max_segment_tokens:
             self._segments.clear()  # bounded: conversations stream through

@@ -468,6 +468,27 @@ def _plan_and_build(conv, tuples, followups, r, template, cfg, report) -> list[C
     return examples
 
 
+def _prefetch_teacher_contents(r, template, conv, tuples, followups) -> None:
+    """Encode in one batch the message contents the teachers add (the last user message with
+    its hindsight block, for the default builder): each teacher view would otherwise encode
+    its own in a tokenizer call. Only a cache hint: a content the template writes otherwise
+    is encoded when met, so exactness never depends on it."""
+    known = {id(m) for m in conv.messages}
+    texts = []
+    for t in tuples:
+        j = t.message_index
+        last_user = next((i for i in range(j - 1, len(conv.system) - 1, -1) if conv.messages[i]["role"] == USER), None)
+        if last_user is None:
+            continue
+        short = conv.system + [conv.messages[last_user]]  # what the builder changes, not the whole history
+        try:
+            teacher = template.teacher_messages(short, followups[j])
+        except Exception:  # a custom builder that needs more: the views will say so
+            return
+        texts += [m["content"] for m in teacher if id(m) not in known and isinstance(m.get("content"), str)]
+    r.prefetch(texts)
+
+
 def tokenize_conversation(
     tuples: Iterable[InteractionTuple],
     tokenizer,
@@ -504,6 +525,7 @@ def tokenize_conversation(
     kept = [t for t in tuples if followups[t.message_index] is not None and t.message_index > conv.first]
     if not kept:
         return []
+    _prefetch_teacher_contents(r, template, conv, kept, followups)
     examples = _plan_and_build(conv, kept, followups, r, template, cfg, report)
     report.examples_built += len(examples)
     report.student_tokens += sum(len(e.input_ids) for e in examples)
