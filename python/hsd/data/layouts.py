@@ -19,7 +19,11 @@ each window holds at most ``max_length`` student tokens (branches included), eve
 sees at least ``min(its whole history, max_length // 2)`` tokens of context, and the windows are
 chosen for the fewest student tokens in total (``DataReport.student_token_ratio``: about 2x the
 conversation's tokens; a little more when turns are long, since a window can only end after a
-whole reply and start before a whole user message). A response over its budget is never cut:
+whole reply and start before a whole user message: a window after the first holds at least
+``max_length // 2`` tokens of context, so it costs more than twice what it adds unless it is
+exactly full and its context exactly half; dynamic programming finds the least total over all
+plans of such windows, on token counts estimated from the whole conversation's tokenisation).
+A response over its budget is never cut:
 the tuple is dropped and counted (``response_over_budget``, ``prompt_over_budget``,
 ``window_over_budget``, ``followup_over_budget``).
 
