@@ -208,3 +208,25 @@ def test_student_and_teacher_share_the_template_markup_before_a_colliding_first_
     for template in ("online", "offline"):
         ex = tokenize_tuple(t, tok, template)
         assert ex.prefix_len >= len(header) and ex.student_ids[: len(header)] == header
+
+
+def test_a_template_whose_markup_depends_on_the_text_falls_back_to_searching_in_order():
+    from hsd.data.render import ChatRenderer
+
+    tok = tiny_chat_tokenizer("chatml")
+    # Markup that depends on the content's length: the sentinel rendering cannot stand for it.
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] }}"
+        "{% if m['content'] | length < 3 %}{{ ' (short)' }}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    r = ChatRenderer.for_tokenizer(tok)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    text = r.render(messages, False, "test")
+    assert r._locate_by_sentinels(messages, text) is None
+    tokenized = r.tokenize(text, messages)
+    assert [text[a:b] for a, b in tokenized.spans] == ["Hi", "Hello there. (short)"[:12]]
+    assert r.decode(tokenized.ids) == text
+    ex = tokenize_tuple(InteractionTuple(messages[:1], "Hello there.", "Thanks.", "c", 0, 1), tok, "offline",
+                        LayoutConfig(ignore_first_k=0))
+    assert ex.response_ids == tok.encode("Hello there.<|im_end|>", add_special_tokens=False)

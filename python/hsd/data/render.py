@@ -27,12 +27,12 @@ prompt inside the last user turn). The real text must then read markup, content,
 each content as written or as the template trimmed it (``strip``/``lstrip``/``rstrip``, of
 whitespace or of newlines). So a content is found where the template put it, even when the same
 string also occurs in the markup before it (a user message that is literally ``user``, or
-``a``, which ``<|im_start|>`` contains) or in another message. A content the template rewrites
-otherwise (Qwen3 strips reasoning from history) is the text up to the next markup and is still
-encoded as text. Where the real text does not follow the sentinel rendering at all (a template
-whose markup depends on the contents' text), contents are searched in message order as a
-fallback (each search starts where the previous content ended), and one that cannot be found is
-encoded as markup.
+``a``, which ``<|im_start|>`` contains) or in another message. A content the template cuts
+(Qwen3 strips reasoning from history) is the text up to the next markup, when that text is part
+of the content, and is still encoded as text. Where the real text does not follow the sentinel
+rendering (a template whose markup depends on the contents' text), contents are searched in
+message order as a fallback (each search starts where the previous content ended), and one that
+cannot be found is encoded as markup.
 """
 
 from __future__ import annotations
@@ -471,10 +471,11 @@ class ChatRenderer:
                         end = after
                         break
             if end is None:
-                # Rewritten by the template (reasoning stripped, say): the content is the text up
-                # to the markup that follows it; it is still message text.
+                # Cut by the template (reasoning stripped from history, say): the content is the
+                # text up to the markup that follows, which must be part of the message's text
+                # (else the markup itself depends on the text: search in order instead).
                 at = text.find(following, pos) if following else -1
-                if at < 0:
+                if at < 0 or (text[pos:at].strip() and text[pos:at] not in content):
                     return None
                 end = at
             if text[pos:end].strip():
