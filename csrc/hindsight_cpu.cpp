@@ -275,8 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_cpu
 // hidden rows (s^T (a * h)), so nothing [chunk, V] is rescaled. A chunk of whole sequences knows
 // its means after its own forward, so its gradient takes the one pass an uncentred chunk takes.
 // Only sequences that do not fit a chunk (longer than one, or split into several runs of rows)
-// take two passes over their rows: the first gives the statistics and grad_h, the second (the
-// student's logits only) grad_W once their means are known.
+// take two passes over their rows: the first gives the statistics, the second (the student's
+// logits only) the gradients once their means are known.
 // ---------------------------------------------------------------------------------------------
 struct CentringPlan {
   std::vector<std::vector<int64_t>> chunks;  // row indices; whole sequences, at most step rows
@@ -419,22 +419,26 @@ fused_centred_cpu(const at::Tensor& student_hidden, const at::Tensor& teacher_hi
     if (grad_bias) grad_b.addmv_(s.t(), a);
   }
 
-  // 2. the other sequences' rows: statistics and grad_h first, grad_W in a second pass
+  // 2. the other sequences' rows, two passes. With a weight (or bias) gradient the first pass
+  // gives the statistics only (no gradient rows) and the second, the student's logits alone,
+  // every gradient; a frozen head needs no second pass: the first gives grad_h for a_t = 1.
   const int64_t m = int64_t(plan.deferred.size());
   if (m == 0) return {loss, stats, grad_h, grad_w, grad_b, advantage};
+  const bool second_pass = grad_weight || grad_bias;
+  const bool unit_hidden = grad_hidden && !second_pass;
   const at::Tensor didx = at::tensor(plan.deferred, index_opts);
   const at::Tensor coef_d = c.coef.index_select(0, didx), target_d = target.index_select(0, didx);
   at::Tensor loss_d = at::empty({m}, c.opts), stats_d = at::empty({m, 4}, c.opts);
-  at::Tensor unit_gh = grad_hidden ? at::empty({m, c.hidden}, c.opts) : empty_grad(c.w);
+  at::Tensor unit_gh = unit_hidden ? at::empty({m, c.hidden}, c.opts) : empty_grad(c.w);
   RowSpec first = spec;
-  first.compute_grad = grad_hidden;
+  first.compute_grad = unit_hidden;
   for (int64_t i = 0; i < m; i += step) {
     const int64_t len = std::min(step, m - i);
     load(didx.narrow(0, i, len), false);
     at::Tensor s = logits_buf.narrow(0, 0, len), t = logits_buf.narrow(0, len, len);
     run_rows(first, s, t, target_d.narrow(0, i, len), coef_d.narrow(0, i, len),
              ones.narrow(0, 0, len), loss_d.narrow(0, i, len), stats_d.narrow(0, i, len));
-    if (grad_hidden) {
+    if (unit_hidden) {
       at::Tensor gh = unit_gh.narrow(0, i, len);
       at::mm_out(gh, s, c.w);
     }
@@ -443,21 +447,31 @@ fused_centred_cpu(const at::Tensor& student_hidden, const at::Tensor& teacher_hi
   loss.index_copy_(0, didx, loss_d.mul_(a_d));
   stats.index_copy_(0, didx, stats_d);
   advantage.index_copy_(0, didx, a_d);
-  if (grad_hidden) grad_h.index_copy_(0, didx, unit_gh.mul_(a_d.unsqueeze(1)).to(grad_h.scalar_type()));
-  if (!(grad_weight || grad_bias)) return {loss, stats, grad_h, grad_w, grad_b, advantage};
+  if (unit_hidden) {
+    grad_h.index_copy_(0, didx, unit_gh.mul_(a_d.unsqueeze(1)).to(grad_h.scalar_type()));
+  }
+  if (!second_pass) return {loss, stats, grad_h, grad_w, grad_b, advantage};
+  // The student's logits only, so a chunk holds twice the rows in the same buffer. The row
+  // kernels read the teacher's logits before writing the student's row (its gradient), so in
+  // sampled mode with the advantage given the student's own row can stand in for the teacher's.
   RowSpec second = spec;
   second.compute_grad = true;
-  at::Tensor scratch_loss = at::empty({step}, c.opts), scratch_stats = at::empty({step, 4}, c.opts);
-  for (int64_t i = 0; i < m; i += step) {
-    const int64_t len = std::min(step, m - i);
-    const at::Tensor h = load(didx.narrow(0, i, len), true);
-    at::Tensor s = logits_buf.narrow(0, 0, len), t = logits_buf.narrow(0, len, len);
-    // the advantage is known now: the row kernels give the gradient itself
-    run_rows(second, s, t, target_d.narrow(0, i, len), coef_d.narrow(0, i, len),
+  const int64_t step2 = 2 * step;
+  const at::Tensor ones2 = at::ones({step2}, c.opts);
+  at::Tensor scratch_loss = at::empty({step2}, c.opts);
+  at::Tensor scratch_stats = at::empty({step2, 4}, c.opts);
+  for (int64_t i = 0; i < m; i += step2) {
+    const int64_t len = std::min(step2, m - i);
+    const at::Tensor idx = didx.narrow(0, i, len);
+    at::Tensor h = hidden_buf.narrow(0, 0, len), s = logits_buf.narrow(0, 0, len);
+    h.copy_(student_hidden.index_select(0, idx));
+    project(s, h, c.w, c.b);
+    run_rows(second, s, s, target_d.narrow(0, i, len), coef_d.narrow(0, i, len),
              a_d.narrow(0, i, len), scratch_loss.narrow(0, 0, len),
              scratch_stats.narrow(0, 0, len));
+    if (grad_hidden) grad_h.index_copy_(0, idx, at::mm(s, c.w).to(grad_h.scalar_type()));
     if (grad_weight) grad_w.addmm_(s.t(), h);
-    if (grad_bias) grad_b.addmv_(s.t(), ones.narrow(0, 0, len));
+    if (grad_bias) grad_b.addmv_(s.t(), ones2.narrow(0, 0, len));
   }
   return {loss, stats, grad_h, grad_w, grad_b, advantage};
 }

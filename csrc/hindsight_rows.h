@@ -25,7 +25,9 @@ struct RowSpec {
 
 // One block of rows. ``student`` holds the student logits on entry and, when the spec asks for
 // gradients, d(coef * token_loss)/d(student logits) on exit (same storage, row stride
-// ``student_stride``); the teacher logits are only read.
+// ``student_stride``); the teacher logits are only read. Each row reads both sides before it
+// writes the student's, so in sampled mode with ``advantage`` given (the teacher then only feeds
+// the statistics) the teacher may be the student's own storage.
 template <typename T>
 struct RowBlock {
   int64_t vocab = 0;

@@ -201,12 +201,15 @@ def test_whole_sequences_take_one_pass(tiny_chunks, monkeypatch):
         return real(s, *args)
 
     monkeypatch.setattr(torch_chunked, "token_terms", counting)
-    for layout, extra in (("aligned", 0), ("longer", 9)):
+    # every row once; the long sequence's 9 rows a second time for a weight gradient (a frozen
+    # head gets grad_h from the first pass: the rows scale with a_t)
+    for layout, frozen, extra in (("aligned", False, 0), ("longer", False, 9),
+                                  ("longer", True, 0)):
         seen.clear()
         seq = torch.tensor(LAYOUTS[layout])
         h, th, w, b, y = inputs(len(seq), torch.float64)
-        w.requires_grad_()
+        h.requires_grad_()
+        w.requires_grad_(not frozen)
         hsd.fused_hindsight_loss(h, th, w, y, seq_ids=seq, center=True,
                                  backend="torch").backward()
-        # every row once; the long sequence's 9 rows a second time, for the weight gradient
         assert sum(seen) == len(seq) + extra and max(seen) <= CHUNK

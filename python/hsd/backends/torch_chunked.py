@@ -309,33 +309,39 @@ def _fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight,
             grad_b += g.t() @ a
     if not deferred:
         return token_loss, stats, grad_h, grad_w, grad_b, advantage
-    # sequences that do not fit a chunk: statistics and grad_h first, grad_W in a second pass
+    # sequences that do not fit a chunk, two passes: with a weight (or bias) gradient the first
+    # gives the statistics only and the second, the student's logits alone, every gradient; a
+    # frozen head needs no second pass (the first gives grad_h for a_t = 1)
+    second_pass = grad_w is not None or grad_b is not None
+    unit_hidden = grad_h is not None and not second_pass
     didx = torch.tensor(deferred, device=device)
     m = didx.numel()
     loss_d = torch.empty(m, dtype=acc, device=device)
     stats_d = torch.empty(m, 4, dtype=acc, device=device)
     unit_gh = torch.empty(m, student_hidden.shape[1], dtype=acc, device=device) \
-        if grad_h is not None else None
+        if unit_hidden else None
     coef_d = coef[didx]
     for i in range(0, m, step):
         part = slice(i, min(i + step, m))
         _, s, t = forward(didx[part])
         loss_d[part], stats_d[part], g = token_terms(
             s, t, target_ids[didx[part]], coef_d[part], torch.ones_like(coef_d[part]), spec,
-            unit_gh is not None)
-        if unit_gh is not None:
+            unit_hidden)
+        if unit_hidden:
             unit_gh[part] = g @ w_s
     a_d = centre(stats_d, coef_d, seq_ids[didx], spec.signal_clip)
     token_loss[didx], stats[didx], advantage[didx] = loss_d * a_d, stats_d, a_d
-    if grad_h is not None:
+    if unit_hidden:
         grad_h[didx] = (unit_gh * a_d[:, None]).to(grad_h.dtype)
-    if grad_w is None and grad_b is None:
+    if not second_pass:
         return token_loss, stats, grad_h, grad_w, grad_b, advantage
     for i in range(0, m, step):
         part = slice(i, min(i + step, m))
         h, s, _ = forward(didx[part], student_only=True)
         # the advantage is known now: the rows give the gradient itself
         _, _, g = token_terms(s, s, target_ids[didx[part]], coef_d[part], a_d[part], spec, True)
+        if grad_h is not None:
+            grad_h[didx[part]] = (g @ w_s).to(grad_h.dtype)
         if grad_w is not None:
             grad_w.addmm_(g.t(), h)
         if grad_b is not None:
