@@ -328,8 +328,11 @@ def gemm_units(args, device):
     print(f"\nfloors from these parts (× trainable = F + Gh + Gw + R = {trainable:.3f} s):")
     print(f"  frozen head  (F + Gh + R)        {(f + gh + r) / trainable:.3f}")
     print(f"  no-grad      (F + R0)            {(f + r0) / trainable:.3f}")
-    print(f"  two-pass centring (+ F/2 + Gw's row pass: F/2 + R) "
-          f"{(trainable + f / 2 + r) / trainable:.3f}")
+    # a sequence longer than a chunk: a statistics-only first pass (F + R0), then the student's
+    # logits again with every gradient (F/2 + R + Gh + Gw)
+    print(f"  centring, sequences longer than a chunk (+ F/2 + R0) "
+          f"{(trainable + f / 2 + r0) / trainable:.3f}")
+    print("  centring, sequences that fit a chunk: 1 (one pass)")
     return [{"part": k, "seconds": v, "share": v / trainable} for k, v in seconds.items()]
 
 
