@@ -1,4 +1,4 @@
-"""Argument types shared by the ``hsd`` command families (``cli``, ``online_cli``).
+"""Argument types shared by the ``hsd`` command families (``cli``, ``online_cli``, ``demo_cli``).
 
 Kept in a module of its own, importing nothing heavy, because ``cli`` imports the other
 families at its end: a family importing ``cli`` back would be circular.
@@ -19,4 +19,20 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
             f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value

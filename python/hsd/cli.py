@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from ._cli_common import json_object
+from ._cli_common import json_object, non_negative_int
 
 logger = logging.getLogger("hsd")
 
@@ -38,13 +38,6 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "off") else int(text)
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source")
     src.add_argument("source", help="hub dataset name, local .jsonl/.json/.parquet file or directory, or a "
@@ -53,7 +46,7 @@ def _add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--split", default="train")
     src.add_argument("--config-name", default=None, help="dataset configuration name on the hub")
     src.add_argument("--data-files", nargs="+", default=None)
-    src.add_argument("--limit", type=_count, default=None, help="read at most this many conversations")
+    src.add_argument("--limit", type=non_negative_int, default=None, help="read at most this many conversations")
     src.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                      help="bad records: stop with an error naming the record, or skip and count")
     flt = p.add_argument_group("filters")
@@ -239,9 +232,10 @@ def add_data_commands(subparsers) -> None:
 from .info import add_info_commands  # noqa: E402  (hsd info)
 from .train_cli import add_train_commands  # noqa: E402  (hsd train)
 from .online_cli import add_online_commands  # noqa: E402  (hsd chat, hsd inspect)
+from .demo_cli import add_demo_commands  # noqa: E402  (hsd demo)
 
 #: Functions that add one command family to the ``hsd`` parser.
-COMMAND_FAMILIES = [add_data_commands, add_info_commands, add_online_commands, add_train_commands]
+COMMAND_FAMILIES = [add_data_commands, add_info_commands, add_online_commands, add_train_commands, add_demo_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
