@@ -108,11 +108,6 @@ class Tokenized:
             raise ValueError(f"character {char} is not a cut point")
         return self.offsets[k]
 
-    @property
-    def token_at(self) -> dict[int, int]:
-        """Token index of every cut point."""
-        return {**{a: t for (a, _, _), t in zip(self.segments, self.offsets)}, len(self.text): len(self.ids)}
-
     def token_span(self, message: int) -> tuple[int, int]:
         """``[start, end)`` in ``ids`` of a located message's content."""
         a, b = self.spans[message]
