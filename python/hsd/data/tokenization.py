@@ -485,7 +485,8 @@ def _prefetch_teacher_contents(r, template, conv, tuples, followups) -> None:
             teacher = template.teacher_messages(short, followups[j])
         except Exception:  # a custom builder that needs more: the views will say so
             return
-        texts += [m["content"] for m in teacher if id(m) not in known and isinstance(m.get("content"), str)]
+        texts += [m["content"] for m in teacher
+                  if isinstance(m, dict) and id(m) not in known and isinstance(m.get("content"), str)]
     r.prefetch(texts)
 
 
