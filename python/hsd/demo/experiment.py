@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import world as W
-from .reviser import ReviserRecipe, load_or_build_reviser
+from .reviser import ReviserRecipe, load_or_build_reviser, quiet_weights_io
 
 __all__ = ["DemoConfig", "run_demo", "ARMS", "evaluate", "choose_preferences", "check_targets", "format_summary"]
 
@@ -57,8 +57,12 @@ class DemoConfig:
     ``interactions`` before the flip and ``flip_interactions`` after it (0: no flip);
     ``control_interactions`` for the cross-user and SFT arms (default: ``interactions``);
     ``eval_every`` interactions between evaluations on ``eval_prompts`` held-out prompts;
-    ``lr`` (Adam) and ``anchor`` of the hindsight recipe; ``workers`` processes for the arms
-    (1: in this process); ``recipe``: the base model's pretraining recipe (its seed is ``seed``).
+    ``lr`` (Adam) and ``anchor`` of the hindsight recipe, ``online_options`` (other
+    :class:`hsd.online.OnlineConfig` fields of the hindsight and cross-user arms);
+    ``learn_truncated``: learn from replies that ran into ``max_new_tokens`` (here three times
+    the longest right answer, so only a runaway reply does; the user's complaint about it is
+    what teaches the model to stop again); ``workers`` processes for the arms (1: in this
+    process); ``recipe``: the base model's pretraining recipe (its seed is ``seed``).
     """
 
     seed: int = 0
@@ -72,6 +76,8 @@ class DemoConfig:
     anchor: float = 0.2
     max_new_tokens: int = 24
     workers: int = 2
+    learn_truncated: bool = True
+    online_options: dict = field(default_factory=dict)
     recipe: ReviserRecipe = field(default_factory=ReviserRecipe)
 
     def __post_init__(self):
@@ -195,13 +201,14 @@ def _arm(arm: str, config: DemoConfig, model_path: str, preferences: tuple[str, 
     seed = config.seed * 1000 + ARMS.index(arm)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    model = LlamaForCausalLM.from_pretrained(model_path).eval()
+    with quiet_weights_io():
+        model = LlamaForCausalLM.from_pretrained(model_path).eval()
     common = dict(adapter="full", lr=config.lr, max_new_tokens=config.max_new_tokens, seed=seed,
                   monitor_reference=False)
     if arm == "sampled":
         online = OnlineConfig.paper(**common)
     else:
-        online = OnlineConfig.stable(anchor=config.anchor, **common)
+        online = OnlineConfig.stable(anchor=config.anchor, **{**common, **config.online_options})
     distiller = OnlineDistiller(model, tokenizer, online)
     world = W.World(seed)
     heldout = world.heldout_requests(config.eval_prompts, seed=config.seed + 10_000)
@@ -237,7 +244,7 @@ def _arm(arm: str, config: DemoConfig, model_path: str, preferences: tuple[str, 
                     _sft_step(distiller, [([{"role": "user", "content": p}], r.text)])
                 counts["learned"] += chunk
             else:
-                run = run_online(distiller, prompts, user, progress=False)
+                run = run_online(distiller, prompts, user, progress=False, learn_truncated=config.learn_truncated)
                 counts.update(run.counts)
             done += chunk
             record(style, phase)
@@ -282,7 +289,8 @@ def run_demo(config: DemoConfig | None = None, output_dir: str | os.PathLike = "
     with tempfile.TemporaryDirectory(prefix="hsd-demo-") as tmp:
         model_path = base_info["path"] if base_info.get("path") else tmp
         if not base_info.get("path"):
-            model.save_pretrained(tmp)
+            with quiet_weights_io():
+                model.save_pretrained(tmp)
         total = sum((config.interactions + config.flip_interactions) if a in FLIP_ARMS and config.flip_interactions
                     else (config.control_interactions or config.interactions) for a in config.arms)
         results = _run_arms(config, model_path, preferences, total, progress)

@@ -16,6 +16,7 @@ abilities hindsight self-distillation relies on, and no preference of its own:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -195,6 +196,20 @@ def pretrain(model, tokenizer, recipe: ReviserRecipe, progress: bool = True) -> 
     return losses
 
 
+@contextlib.contextmanager
+def quiet_weights_io():
+    """No transformers progress bar for loading or saving this 2 MB model."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def default_cache_dir() -> Path:
     """``$HSD_CACHE/demo`` or ``~/.cache/hsd/demo``."""
     root = os.environ.get("HSD_CACHE") or Path.home() / ".cache" / "hsd"
@@ -214,7 +229,8 @@ def load_or_build_reviser(recipe: ReviserRecipe | None = None, cache_dir: str | 
     tokenizer = build_tokenizer()
     path = Path(cache_dir or default_cache_dir()) / f"reviser-{recipe.key()}"
     if use_cache and (path / "hsd_reviser.json").is_file():
-        model = LlamaForCausalLM.from_pretrained(path).eval()
+        with quiet_weights_io():
+            model = LlamaForCausalLM.from_pretrained(path).eval()
         info = json.loads((path / "hsd_reviser.json").read_text())
         logger.info("hsd demo: base reviser loaded from %s", path)
         return model, tokenizer, {**info, "path": str(path), "cached": True}
@@ -225,7 +241,7 @@ def load_or_build_reviser(recipe: ReviserRecipe | None = None, cache_dir: str | 
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "parameters": sum(p.numel() for p in model.parameters())}
     if use_cache:
-        with atomic_directory(path, overwrite=True) as tmp:
+        with atomic_directory(path, overwrite=True) as tmp, quiet_weights_io():
             model.save_pretrained(tmp)  # safetensors
             (tmp / "hsd_reviser.json").write_text(json.dumps(info, indent=1))
     return model, tokenizer, {**info, "path": str(path) if use_cache else None, "cached": False}
