@@ -177,3 +177,26 @@ def test_bad_options():
         main(["demo", "--interactions", "0"])
     with pytest.raises(ValueError, match="arms"):
         DemoConfig(arms=("sft",))
+
+
+def test_online_options_reach_the_hindsight_arm(tmp_path):
+    from hsd.demo import DemoConfig, ReviserRecipe, run_demo
+
+    config = DemoConfig(seed=2, interactions=2, flip_interactions=0, eval_every=2, eval_prompts=2,
+                        arms=("hindsight",), workers=1, online_options={"gate": "all", "max_grad_norm": 0.5},
+                        recipe=ReviserRecipe(steps=2, warmup=1, batch_size=4))
+    report = run_demo(config, tmp_path / "out", use_cache=False, progress=False)
+    used = report["arms"]["hindsight"]["config"]
+    assert used["gate"] == "all" and used["max_grad_norm"] == 0.5 and used["loss_mode"] == "full"
+    assert report["base_model"]["path"] is None and not list(tmp_path.glob("**/reviser-*"))
+
+
+def test_readme_documents_the_demo_as_the_main_job():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme, makefile = (root / "README.md").read_text(), (root / "Makefile").read_text()
+    commands = readme.split("## The two commands", 1)[1].split("```", 2)[1]
+    assert "make demo" in commands and "make test" in commands
+    assert "demo: install\n\t$(BIN)/hsd demo" in makefile
+    assert (root / "bench" / "results" / "demo-seed0.png").is_file()

@@ -394,6 +394,14 @@ def check_targets(report: dict) -> dict:
     return targets
 
 
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 2)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
 def format_summary(report: dict) -> str:
     """The summary table printed by ``hsd demo``."""
     first, second = report["preferences"]
@@ -420,7 +428,7 @@ def format_summary(report: dict) -> str:
     lines.append("")
     for key, target in report["targets"].items():
         if key != "all_met":
-            lines.append(f"  [{'x' if target['met'] else ' '}] {key}: {json.dumps(target['value'])}"
+            lines.append(f"  [{'x' if target['met'] else ' '}] {key}: {json.dumps(_rounded(target['value']))}"
                          + (f" at {target['interactions']} interactions" if target.get("interactions") else ""))
     lines.append(f"every target met: {report['targets']['all_met']}  ({report['seconds']:.0f} s)")
     return "\n".join(lines)
@@ -442,8 +450,9 @@ def plot(report: dict, path: Path) -> None:
     for name, arm in report["arms"].items():
         xs = [p["interactions"] for p in arm["curve"]]
         ax.plot(xs, [p["style"] for p in arm["curve"]], marker="o", ms=3, color=colors[name], label=name)
+        if name in FLIP_ARMS:  # strict: the style and the right items (content damage shows here)
+            ax.plot(xs, [p["strict"] for p in arm["curve"]], ls=":", color=colors[name], label=f"{name} (strict)")
         if name == "hindsight":
-            ax.plot(xs, [p["strict"] for p in arm["curve"]], ls=":", color=colors[name], label="hindsight (strict)")
             ax.plot(xs, [p["teacher"] for p in arm["curve"]], lw=0.8, alpha=0.5, color="tab:purple",
                     label="self-teacher (hindsight)")
             second_phase = _phase_points(arm, 1)
