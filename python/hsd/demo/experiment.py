@@ -260,7 +260,10 @@ def _arm(arm: str, config: DemoConfig, model_path: str, preferences: tuple[str, 
 def run_demo(config: DemoConfig | None = None, output_dir: str | os.PathLike = "hsd-demo", cache_dir=None,
              use_cache: bool = True, progress: bool = True) -> dict:
     """Run the demo (see the module docstring); returns the report, also written to
-    ``output_dir/report.json`` with ``output_dir/compliance.png``."""
+    ``output_dir/report.json`` with ``output_dir/compliance.png``.
+
+    With ``config.workers > 1`` the arms run in spawned worker processes: from a script, call
+    this under ``if __name__ == "__main__":`` (as for any ``multiprocessing`` code)."""
     import tempfile
 
     config = config or DemoConfig()
