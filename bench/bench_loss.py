@@ -283,7 +283,7 @@ def gemm_units(args, device):
     the sampled rows (with and without their gradient). What no implementation of a frozen
     head, a no-grad step or a two-pass centring can avoid follows from these by arithmetic."""
     vocab, hidden = args.v, args.h
-    rows = int(os.environ.get("HSD_CPU_CHUNK_ROWS") or max(32, (1 << 24) // (2 * vocab)))
+    rows = int(os.environ.get("HSD_CPU_CHUNK_ROWS") or max(256, (1 << 24) // (2 * vocab)))
     rows = min(rows, args.n)
     scale = args.n / rows
     torch.manual_seed(0)

@@ -294,9 +294,9 @@ _DOC_OPTIONS = """
         signal_clip: clamp A_t to +-c (sampled mode). center: subtract each sequence's mean A_t
             over its valid tokens before clipping (sampled mode). The mean is a stop-gradient
             statistic; with the cpu and torch backends a sequence that fits a chunk of rows
-            (cpu: 2^23 / V rows, HSD_CPU_CHUNK_ROWS) costs one pass, as without centring, and a
-            longer one (or one split into several runs of rows) reads its rows twice when the
-            head is trainable.
+            (cpu: max(256, 2^23 / V) rows, HSD_CPU_CHUNK_ROWS) costs one pass, as without
+            centring, and a longer one (or one split into several runs of rows) reads its rows
+            twice when the head is trainable.
         kl_clip: cap the per-token divergence (full / topk modes; capped tokens get no gradient).
         reduction: ``"seq_mean"`` (token mean per sequence, then mean over sequences: the paper),
             ``"token_mean"`` (sum / sum of weights, or / ``num_items`` across accumulation steps
