@@ -288,6 +288,13 @@ def run_demo(config: DemoConfig | None = None, output_dir: str | os.PathLike = "
             }
     logger.info("hsd demo: base first tries by style %s; hidden preference %s, then %s", base["styles"],
                 *preferences)
+    for style in preferences:
+        if min(reference[style]["oracle"]["style"], reference[style]["teacher"]) < 0.8:
+            # hindsight learning needs a model that follows a stated preference in context
+            logger.warning("hsd demo: the base model follows a stated %s preference only %.0f%% of the time "
+                           "(%.0f%% in the hindsight block): its self-teacher has little to teach; pretrain "
+                           "longer (--pretrain-steps)", style, 100 * reference[style]["oracle"]["style"],
+                           100 * reference[style]["teacher"])
 
     with tempfile.TemporaryDirectory(prefix="hsd-demo-") as tmp:
         model_path = base_info["path"] if base_info.get("path") else tmp
