@@ -179,7 +179,7 @@ def test_bad_options():
         DemoConfig(arms=("sft",))
 
 
-def test_online_options_reach_the_hindsight_arm(tmp_path):
+def test_online_options_reach_the_hindsight_arm(tmp_path, caplog):
     from hsd.demo import DemoConfig, ReviserRecipe, run_demo
 
     config = DemoConfig(seed=2, interactions=2, flip_interactions=0, eval_every=2, eval_prompts=2,
@@ -189,6 +189,8 @@ def test_online_options_reach_the_hindsight_arm(tmp_path):
     used = report["arms"]["hindsight"]["config"]
     assert used["gate"] == "all" and used["max_grad_norm"] == 0.5 and used["loss_mode"] == "full"
     assert report["base_model"]["path"] is None and not list(tmp_path.glob("**/reviser-*"))
+    # two pretraining steps cannot teach in-context revision: the run says so
+    assert "follows a stated" in caplog.text
 
 
 def test_readme_documents_the_demo_as_the_main_job():
