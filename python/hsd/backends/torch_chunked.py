@@ -153,6 +153,25 @@ def chunk_rows(n: int, vocab: int, budget: Optional[int] = None) -> int:
     return max(1, min(n, budget // max(vocab, 1)))
 
 
+def _outputs_and_heads(student_hidden, weight, bias, teacher_weight, teacher_bias, needs):
+    """The accumulation dtype, the per-token outputs, the gradient buffers asked for (a frozen
+    head: no [V, H] buffer, no grad_W GEMM) and both heads in that dtype (half heads are upcast
+    once, an O(V x H) copy this portable path accepts; a shared head once)."""
+    n, vocab = student_hidden.shape[0], weight.shape[0]
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    token_loss = torch.empty(n, dtype=acc, device=student_hidden.device)
+    stats = torch.empty(n, 4, dtype=acc, device=student_hidden.device)
+    grad_h = torch.zeros_like(student_hidden) if needs.hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs.weight else None
+    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) \
+        if needs.bias and bias is not None else None
+    up = (lambda x: None if x is None else x.to(acc))
+    w_s, b_s = up(weight), up(bias)
+    shared = same_head(weight, bias, teacher_weight, teacher_bias)
+    w_t, b_t = (w_s, b_s) if shared else (up(teacher_weight), up(teacher_bias))
+    return acc, token_loss, stats, grad_h, grad_w, grad_b, (w_s, b_s, w_t, b_t), shared
+
+
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
           coef, advantage, spec, needs):
     needs = as_needs(needs)
@@ -166,20 +185,10 @@ def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_
 def _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
            coef, advantage, spec, needs):
     n, vocab = student_hidden.shape[0], weight.shape[0]
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    token_loss = torch.empty(n, dtype=acc, device=student_hidden.device)
-    stats = torch.empty(n, 4, dtype=acc, device=student_hidden.device)
-    # only the gradients asked for (a frozen head: no [V, H] buffer, no grad_W GEMM)
-    grad_h = torch.zeros_like(student_hidden) if needs.hidden else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs.weight else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) \
-        if needs.bias and bias is not None else None
+    acc, token_loss, stats, grad_h, grad_w, grad_b, heads, shared = _outputs_and_heads(
+        student_hidden, weight, bias, teacher_weight, teacher_bias, needs)
     compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
-    # half heads are upcast once, an O(V x H) copy this portable path accepts
-    up = (lambda x: None if x is None else x.to(acc))
-    w_s, b_s = up(weight), up(bias)
-    shared = same_head(weight, bias, teacher_weight, teacher_bias)
-    w_t, b_t = (w_s, b_s) if shared else (up(teacher_weight), up(teacher_bias))
+    w_s, b_s, w_t, b_t = heads
     # the teacher's logits are the student's (hsd.loss's second, centred pass): one GEMM
     same_logits = shared and same_head(student_hidden, None, teacher_hidden, None)
     step = chunk_rows(n, vocab)
@@ -268,19 +277,11 @@ def _fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight,
     # means are known (grad_h after g @ W, grad_W through the hidden rows: g^T (a * h))
     n, vocab = student_hidden.shape[0], weight.shape[0]
     device = student_hidden.device
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    token_loss = torch.empty(n, dtype=acc, device=device)
-    stats = torch.empty(n, 4, dtype=acc, device=device)
+    acc, token_loss, stats, grad_h, grad_w, grad_b, heads, _ = _outputs_and_heads(
+        student_hidden, weight, bias, teacher_weight, teacher_bias, needs)
     advantage = torch.empty(n, dtype=acc, device=device)
-    grad_h = torch.zeros_like(student_hidden) if needs.hidden else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if needs.weight else None
-    grad_b = torch.zeros(vocab, dtype=acc, device=device) \
-        if needs.bias and bias is not None else None
     compute_grad = grad_h is not None or grad_w is not None or grad_b is not None
-    up = (lambda x: None if x is None else x.to(acc))
-    w_s, b_s = up(weight), up(bias)
-    shared = same_head(weight, bias, teacher_weight, teacher_bias)
-    w_t, b_t = (w_s, b_s) if shared else (up(teacher_weight), up(teacher_bias))
+    w_s, b_s, w_t, b_t = heads
     step = chunk_rows(n, vocab)
     chunks, deferred = centring_plan(seq_ids, step)
 
