@@ -148,6 +148,7 @@ def test_demo_smoke_through_the_cli(tmp_path, capsys):
     assert [p["preference"] for p in main_curve] == [first] * 3 + [second] * 2
     assert all(0.0 <= p[k] <= 1.0 for p in main_curve for k in ("style", "strict", "teacher"))
     assert report["arms"]["sft"]["curve"][-1]["interactions"] == 4
+    assert report["arms"]["cross_user"]["user_style"] not in report["preferences"]
     assert report["base_model"]["cached"] is False
     counts = report["arms"]["hindsight"]["counts"]
     assert counts.get("learned", 0) + sum(v for k, v in counts.items() if k not in ("learned", "steps",

@@ -150,6 +150,12 @@ def choose_preferences(base_styles: dict, rng: random.Random) -> tuple[str, str]
     return order[0], order[1]
 
 
+def cross_user_style(preferences: tuple[str, str]) -> str:
+    """The style the cross-user control's user wants: neither of the judged preferences, so
+    its follow-ups are real complaints that say nothing about the hidden preference."""
+    return next(s for s in reversed(W.STYLES) if s not in preferences)
+
+
 def _oracle_prompt(style: str, seed: int):
     rng = random.Random(seed)
     return lambda request: W.preference_request(request.text, style, rng)
@@ -231,8 +237,7 @@ def _arm(arm: str, config: DemoConfig, model_path: str, preferences: tuple[str, 
             progress_queue.put((arm, done, point["style"]))
 
     for phase, (style, n) in enumerate(phases):
-        # the cross-user control hears a user who wants another style than the one judged
-        user_style = style if arm != "cross_user" else next(s for s in reversed(W.STYLES) if s not in preferences)
+        user_style = style if arm != "cross_user" else cross_user_style(preferences)
         user = world.user(user_style, seed=seed + phase)
         record(style, phase)  # where the phase starts (after a flip: judged by the new preference)
         for first in range(0, n, config.eval_every):
@@ -251,7 +256,7 @@ def _arm(arm: str, config: DemoConfig, model_path: str, preferences: tuple[str, 
     counts.pop("interactions", None)
     return {"arm": arm, "curve": curve, "counts": dict(counts), "seconds": round(time.perf_counter() - start, 1),
             "config": online.summary() if arm != "sft" else {"lr": config.lr, "optimizer": "AdamW"},
-            "user_style": None if arm != "cross_user" else next(s for s in reversed(W.STYLES) if s not in preferences)}
+            "user_style": cross_user_style(preferences) if arm == "cross_user" else None}
 
 
 # ---- the experiment ---------------------------------------------------------------------------
