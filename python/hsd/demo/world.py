@@ -16,6 +16,7 @@ and a judge can score every reply exactly:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 __all__ = [
@@ -215,9 +216,7 @@ def vocabulary() -> list[str]:
     items = [w for ws in CATEGORIES.values() for w in ws] + list(CATEGORIES) + list(COUNTS.values())
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     for text in texts:
-        words.update(_pretokenize(text.replace("{followup}", "").replace("{request}", "")
-                                  .replace("{pref}", "").replace("{n}", "").replace("{cat}", "")
-                                  .replace("{word}", "")))
+        words.update(_pretokenize(re.sub(r"\{\w+\}", " ", text)))  # without the {placeholders}
     words.update(items + letters + SPELL_WORDS + [str(i) for i in range(1, 10)])
     words.update(w.upper() for w in items + letters)
     return sorted(words)
@@ -225,6 +224,4 @@ def vocabulary() -> list[str]:
 
 def _pretokenize(text: str) -> list[str]:
     """The word-level tokenizer's split (runs of word characters, runs of other non-space)."""
-    import re
-
     return re.findall(r"\w+|[^\w\s]+", text)
