@@ -211,7 +211,7 @@ def _arm(arm: str, config: DemoConfig, model_path: str, preferences: tuple[str, 
         model = LlamaForCausalLM.from_pretrained(model_path).eval()
     common = dict(adapter="full", lr=config.lr, max_new_tokens=config.max_new_tokens, seed=seed,
                   monitor_reference=False)
-    if arm == "sampled":
+    if arm in ("sampled", "sft"):  # sft only samples and steps: no anchor, no reference copy
         online = OnlineConfig.paper(**common)
     else:
         online = OnlineConfig.stable(anchor=config.anchor, **{**common, **config.online_options})
