@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends import MODES, NO_GRAD, SAMPLED, DivergenceSpec, GradNeeds, select_backend
+from .backends import (MODES, NO_GRAD, SAMPLED, DivergenceSpec, GradNeeds, centred_advantage,
+                       select_backend)
 from .definition import STAT_NAMES, divergence, reference_token_terms, topk_support  # noqa: F401
 
 logger = logging.getLogger("hsd")
@@ -149,18 +150,6 @@ def _reduction_coef(w, dense, num_seqs, reduction, num_items):
             else w.sum()
         return w / torch.where(denom != 0, denom, torch.ones_like(denom))
     return w  # "sum" and "none"
-
-
-def _centred_advantage(stats, coef, dense, num_seqs, signal_clip):
-    """Per-sequence mean-centred (then clipped) A_t from a pass's statistics (a constant: the
-    mean is a stop-gradient statistic)."""
-    adv = stats[:, 2]
-    valid = (coef != 0).to(adv.dtype)
-    zeros = torch.zeros(num_seqs, dtype=adv.dtype, device=adv.device)
-    total = zeros.scatter_add(0, dense, torch.where(coef != 0, adv, torch.zeros_like(adv)))
-    count = zeros.scatter_add(0, dense, valid).clamp_min(1)
-    centred = adv - (total / count)[dense]
-    return centred.clamp(-signal_clip, signal_clip) if signal_clip > 0 else centred
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,7 +343,7 @@ def hindsight_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if center and spec.mode == SAMPLED:
         with torch.no_grad():
             _, stats, _ = run(coef, None, NO_GRAD)
-        advantage = _centred_advantage(stats, coef, dense, num_seqs, spec.signal_clip)
+        advantage = centred_advantage(stats, coef, dense, num_seqs, spec.signal_clip)
     out, stats = _apply(run, needs, reduction, coef, advantage, (student_logits,))
     return _finish(out, stats, coef, return_stats, dtype)
 
@@ -478,7 +467,7 @@ def fused_hindsight_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Ten
         with torch.no_grad():
             unit_loss, centred_stats, unit_grad_h, _, _ = run(
                 coef, torch.ones_like(coef), GradNeeds(needs.hidden, False, False))
-        advantage = _centred_advantage(centred_stats, coef, dense, num_seqs, spec.signal_clip)
+        advantage = centred_advantage(centred_stats, coef, dense, num_seqs, spec.signal_clip)
 
         def run_main(c, advantage, needs):
             grad_h = grad_w = grad_b = None

@@ -104,6 +104,20 @@ class DivergenceSpec:
                 float(self.kl_clip))
 
 
+def centred_advantage(stats, coef, dense, num_seqs: int, signal_clip: float):
+    """Per-sequence mean-centred (then clipped) A_t from a pass's statistics [N, 4]: the mean of
+    A over each sequence's valid (coef != 0) rows, ``dense`` [N] the sequence index in
+    [0, num_seqs) of each row. A constant: the mean is a stop-gradient statistic. Shared by
+    hsd.loss's generic two-pass centring and the torch backend's ``fused_centred``."""
+    adv = stats[:, 2]
+    valid = (coef != 0).to(adv.dtype)
+    zeros = torch.zeros(num_seqs, dtype=adv.dtype, device=adv.device)
+    total = zeros.scatter_add(0, dense, torch.where(coef != 0, adv, torch.zeros_like(adv)))
+    count = zeros.scatter_add(0, dense, valid).clamp_min(1)
+    centred = adv - (total / count)[dense]
+    return centred.clamp(-signal_clip, signal_clip) if signal_clip > 0 else centred
+
+
 def _load(name: str):
     """Import a backend module by name; None when it cannot run in this environment."""
     if name not in BACKEND_NAMES:

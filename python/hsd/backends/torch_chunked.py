@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import FULL, SAMPLED, TOPK, as_needs
+from . import FULL, SAMPLED, TOPK, as_needs, centred_advantage
 
 name = "torch"
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (x ~8 temporaries of 4 bytes)
@@ -251,15 +251,9 @@ def centring_plan(seq_ids, step: int):
 def centre(stats, coef, seq_ids, signal_clip):
     """a_t = clip(A_t - mean of A over the valid rows of t's sequence), every sequence complete
     in the given rows; 0 for masked rows (their gradient is 0 whatever a_t is)."""
-    adv, valid = stats[:, 2], coef != 0
-    _, dense = torch.unique(seq_ids, return_inverse=True)
-    zeros = adv.new_zeros(int(dense.max()) + 1 if dense.numel() else 0)
-    total = zeros.scatter_add(0, dense, torch.where(valid, adv, torch.zeros_like(adv)))
-    count = zeros.scatter_add(0, dense, valid.to(adv.dtype)).clamp_min(1)
-    a = adv - (total / count)[dense]
-    if signal_clip > 0:
-        a = a.clamp(-signal_clip, signal_clip)
-    return torch.where(valid, a, torch.zeros_like(a))
+    ids, dense = torch.unique(seq_ids, return_inverse=True)
+    a = centred_advantage(stats, coef, dense, ids.numel(), signal_clip)
+    return torch.where(coef != 0, a, torch.zeros_like(a))
 
 
 def fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias,
