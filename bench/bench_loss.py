@@ -361,16 +361,16 @@ def main(argv=None):
     if args.mode == "topk" and args.topk is None:
         args.topk = 64
     device = torch.device(args.device)
+    if args.gemm_units:  # its own operands: the full [V, H] head below is not needed
+        rows = gemm_units(args, device)
+        _write(args, rows)
+        return rows
     dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     hs = (torch.randn(args.n, args.h, device=device) / args.h ** 0.25).to(dtype).requires_grad_()
     ht = (hs.detach() + 0.1 * torch.randn_like(hs)).to(dtype)
     w = (torch.randn(args.v, args.h, device=device) / args.h ** 0.25).to(dtype).requires_grad_()
     y = torch.randint(0, args.v, (args.n,), device=device)
-    if args.gemm_units:
-        rows = gemm_units(args, device)
-        _write(args, rows)
-        return rows
     if args.scenarios:
         rows = run_scenarios(args, hs, ht, w, y, device)
         _write(args, rows)
