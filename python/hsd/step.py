@@ -56,7 +56,10 @@ def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def logit_transform(config) -> tuple[str, object] | None:
     """``(attribute, value)`` of the first setting in ``config`` by which the model changes its
     logits after the head (softcapping, scaling), or None. The fused loss scores
-    log-softmax(hidden @ W.T), so a model with such a setting cannot be trained with it."""
+    log-softmax(hidden @ W.T), so a model with such a setting cannot be trained with it.
+    A composite configuration (a vision-language model, say) is read through its text config."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):

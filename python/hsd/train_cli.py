@@ -137,7 +137,7 @@ def _check_model_config(model_args: ModelArguments, args) -> None:
         raise OSError(f"{name}: cannot read the model's configuration: {str(e).splitlines()[0]}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not model_args.trust_remote_code:
         raise ValueError(f"{name}: model type {config.model_type!r} is not a causal LM transformers can load")
-    transform = logit_transform(config.get_text_config() if hasattr(config, "get_text_config") else config)
+    transform = logit_transform(config)
     if transform is not None:
         raise ValueError(f"{name}: the model transforms its logits ({transform[0]}={transform[1]}); the fused "
                          "hindsight loss scores log-softmax(hidden @ W.T) and cannot train it")
