@@ -172,6 +172,19 @@ def _outputs_and_heads(student_hidden, weight, bias, teacher_weight, teacher_bia
     return acc, token_loss, stats, grad_h, grad_w, grad_b, (w_s, b_s, w_t, b_t), shared
 
 
+def _add_grads(g, h, rows, w_s, grad_h, grad_w, grad_b, a=None):
+    """A chunk's gradients from its logit gradients ``g`` and hidden rows ``h`` (rows ``rows``
+    of grad_h): grad_h = g @ W, grad_W += g^T h, grad_b += sum of g. ``a``: per-row factors of
+    a unit-advantage ``g`` (centring), applied to the [chunk, H] sides, never to g itself."""
+    if grad_h is not None:
+        gh = g @ w_s
+        grad_h[rows] = (gh if a is None else gh * a[:, None]).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(g.t(), h if a is None else h * a[:, None])
+    if grad_b is not None:
+        grad_b += g.sum(0) if a is None else g.t() @ a
+
+
 def fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher_bias, target_ids,
           coef, advantage, spec, needs):
     needs = as_needs(needs)
@@ -201,14 +214,8 @@ def _fused(student_hidden, teacher_hidden, weight, bias, teacher_weight, teacher
                                          coef[rows], None if advantage is None else advantage[rows],
                                          spec, compute_grad)
         token_loss[rows], stats[rows] = loss_i, stats_i
-        if g is None:
-            continue
-        if grad_h is not None:
-            grad_h[rows] = (g @ w_s).to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), h)
-        if grad_b is not None:
-            grad_b += g.sum(0)
+        if g is not None:
+            _add_grads(g, h, rows, w_s, grad_h, grad_w, grad_b)
     return token_loss, stats, grad_h, grad_w, grad_b
 
 
@@ -294,14 +301,8 @@ def _fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight,
                                          compute_grad)
         a = centre(stats_i, c, seq_ids[idx], spec.signal_clip)
         token_loss[idx], stats[idx], advantage[idx] = loss_i * a, stats_i, a
-        if g is None:
-            continue
-        if grad_h is not None:
-            grad_h[idx] = ((g @ w_s) * a[:, None]).to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), h * a[:, None])
-        if grad_b is not None:
-            grad_b += g.t() @ a
+        if g is not None:
+            _add_grads(g, h, idx, w_s, grad_h, grad_w, grad_b, a)
     if not deferred:
         return token_loss, stats, grad_h, grad_w, grad_b, advantage
     # sequences that do not fit a chunk, two passes: with a weight (or bias) gradient the first
@@ -335,10 +336,5 @@ def _fused_centred(student_hidden, teacher_hidden, weight, bias, teacher_weight,
         h, s, _ = forward(didx[part], student_only=True)
         # the advantage is known now: the rows give the gradient itself
         _, _, g = token_terms(s, s, target_ids[didx[part]], coef_d[part], a_d[part], spec, True)
-        if grad_h is not None:
-            grad_h[didx[part]] = (g @ w_s).to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w.addmm_(g.t(), h)
-        if grad_b is not None:
-            grad_b += g.sum(0)
+        _add_grads(g, h, didx[part], w_s, grad_h, grad_w, grad_b)
     return token_loss, stats, grad_h, grad_w, grad_b, advantage
