@@ -556,10 +556,11 @@ class ChatRenderer:
         """Encode ``segments[len(offsets):]`` after ``ids`` (the ids of the segments before)."""
         ids = list(ids)
         offsets = list(offsets)
-        self._encode_segments([(text[a:b], is_content) for a, b, is_content in segments[len(offsets) :]])
-        for a, b, is_content in segments[len(offsets) :]:
+        pending = [(text[a:b], is_content) for a, b, is_content in segments[len(offsets) :]]
+        self._encode_segments(pending)
+        for segment, is_content in pending:
             offsets.append(len(ids))
-            ids.extend(self._encode_segment(text[a:b], is_content))
+            ids.extend(self._encode_segment(segment, is_content))
         return Tokenized(text, list(messages), spans, ids, segments, offsets)
 
     def extend(self, base: Tokenized, text: str, messages: list[dict], prompt_end: int | None = None,
