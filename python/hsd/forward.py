@@ -566,16 +566,22 @@ def _student_pass_split(view: _ModelView, tb: TreeBatch, keep_cache: bool):
                              cache=view.new_cache(), use_cache=True)
     layers = [(layer.keys, layer.values) for layer in cache.layers]  # graph kept: branches backprop into it
     hidden = torch.nn.functional.pad(hidden, (0, 0, 0, tb.input_ids.shape[1] - hidden.shape[1]))
-    for s in range(tb.branch_starts.numel()):
-        row, start, end = int(tb.branch_batch_index[s]), int(tb.branch_starts[s]), int(tb.branch_ends[s])
-        attach = int(tb.branch_attach[s])
+    # the branch table read once (one device sync, not four per branch); the branches' hidden
+    # states written into the padded trunk in one index_put (not one copy of it per branch)
+    table = zip(tb.branch_batch_index.tolist(), tb.branch_starts.tolist(), tb.branch_ends.tolist(),
+                tb.branch_attach.tolist())
+    rows, cols, parts = [], [], []
+    for row, start, end, attach in table:
         ids, positions = tb.input_ids[row : row + 1, start:end], tb.position_ids[row : row + 1, start:end]
         sub = _TeacherRows(ids, positions, torch.zeros_like(ids), torch.full_like(ids, attach), None)
         mask = view.format_mask(lambda w: teacher_branch_allowed(sub, attach, w))
         cropped = view.new_cache([(k[row : row + 1, :, :attach], v[row : row + 1, :, :attach]) for k, v in layers])
         branch_hidden, _ = view.run(ids, positions, mask, cache=cropped, use_cache=True)
-        cols = torch.arange(start, end, device=ids.device)
-        hidden = hidden.index_put((torch.full_like(cols, row), cols), branch_hidden[0])
+        cols.append(torch.arange(start, end, device=ids.device))
+        rows.append(torch.full_like(cols[-1], row))
+        parts.append(branch_hidden[0])
+    if parts:
+        hidden = hidden.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(parts))
     return hidden, ([(k.detach(), v.detach()) for k, v in layers] if keep_cache else None)
 
 
