@@ -546,15 +546,21 @@ def _student_pass_capturing(view: _ModelView, tb: TreeBatch):
     return hidden, [store[i] for i in sorted(store)]
 
 
+def _columns(tb: TreeBatch, width: int, attention_mask: torch.Tensor | None = None) -> TreeBatch:
+    """The rows' first ``width`` columns, without student branches (``attention_mask``: the
+    cut rows' mask, default the batch's own)."""
+    empty = tb.branch_starts.new_zeros(0)
+    return TreeBatch(**{**tb.__dict__, "input_ids": tb.input_ids[:, :width], "position_ids": tb.position_ids[:, :width],
+                        "attention_mask": tb.attention_mask[:, :width] if attention_mask is None else attention_mask,
+                        "branch_batch_index": empty, "branch_starts": empty, "branch_ends": empty,
+                        "branch_attach": empty})
+
+
 def _trunk_only(tb: TreeBatch) -> TreeBatch:
     """The rows cut to their trunks (branch columns become padding)."""
     width = int(tb.trunk_lengths.max())
     cols = torch.arange(width, device=tb.input_ids.device)
-    empty = tb.branch_starts.new_zeros(0)
-    return TreeBatch(**{**tb.__dict__, "input_ids": tb.input_ids[:, :width], "position_ids": tb.position_ids[:, :width],
-                        "attention_mask": tb.attention_mask[:, :width] * (cols[None] < tb.trunk_lengths[:, None]),
-                        "branch_batch_index": empty, "branch_starts": empty, "branch_ends": empty,
-                        "branch_attach": empty})
+    return _columns(tb, width, tb.attention_mask[:, :width] * (cols[None] < tb.trunk_lengths[:, None]))
 
 
 def _student_pass_split(view: _ModelView, tb: TreeBatch, keep_cache: bool):
@@ -602,11 +608,7 @@ def _student_pass(view: _ModelView, tb: TreeBatch, keep_cache: bool):
 @torch.no_grad()
 def _prefill(view: _ModelView, tb: TreeBatch):
     """The teacher's own prefix keys/values (no grad), once per row, up to the longest offset."""
-    width = int(tb.teacher_prefix_offsets.max())
-    sub = TreeBatch(**{**tb.__dict__, "input_ids": tb.input_ids[:, :width],
-                       "attention_mask": tb.attention_mask[:, :width], "position_ids": tb.position_ids[:, :width]})
-    sub.branch_starts = tb.branch_starts.new_zeros(0)  # branches lie past every offset
-    sub.branch_ends = sub.branch_attach = sub.branch_batch_index = sub.branch_starts
+    sub = _columns(tb, int(tb.teacher_prefix_offsets.max()))  # branches lie past every offset
     _, cache = view.run(sub.input_ids, sub.position_ids, _student_mask(view, sub), cache=view.new_cache(),
                         use_cache=True)
     return _detached_layers(cache), int(sub.attention_mask.sum())
