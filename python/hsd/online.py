@@ -65,6 +65,8 @@ __all__ = [
     "is_neutral_followup",
     "reference_hidden_states",
     "user_directory",
+    "chat_prompt_ids",
+    "generate_replies",
 ]
 
 logger = logging.getLogger("hsd")
@@ -445,45 +447,21 @@ class OnlineDistiller:
     # -- sampling --
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         _check_messages(messages)
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 **self.config.chat_template_kwargs)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_prompt_ids(self.tokenizer, messages, self.config.chat_template_kwargs)
 
-    @torch.no_grad()
     def respond_batch(self, conversations: Sequence[list[dict]]) -> list[Response]:
         """Sample one reply per conversation from the current policy (left-padded batch)."""
         cfg = self.config
         prompts = [self._prompt_ids(m) for m in conversations]
-        width = max(len(p) for p in prompts)
-        pad = self.collator.pad_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
         stop = [self.renderer.end_of_turn_id]
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in stop:
             stop.append(self.tokenizer.eos_token_id)
         sample = cfg.temperature > 0
-        kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=stop, pad_token_id=pad)
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample)
         if sample:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         kwargs.update(cfg.generation_kwargs)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-        responses = []
-        for row in out[:, width:].tolist():
-            finished = False
-            reply = []
-            for token in row:
-                if token in stop:
-                    finished = True
-                    break
-                reply.append(token)
-            text = self.tokenizer.decode(reply, skip_special_tokens=True)
-            responses.append(Response(text, reply, finished))
-        return responses
+        return generate_replies(self.model, self.tokenizer, prompts, stop, self.collator.pad_token_id, **kwargs)
 
     def respond(self, messages: list[dict], return_details: bool = False):
         """Sample a reply to ``messages`` (temperature ``config.temperature``); the text, or a
@@ -866,6 +844,45 @@ class OnlineDistiller:
             return True
         self.reset()
         return False
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template with the generation
+    prompt (what a reply is sampled after)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        **(chat_template_kwargs or {}))
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@torch.no_grad()
+def generate_replies(model: nn.Module, tokenizer, prompts: Sequence[list[int]], stop_ids: Sequence[int],
+                     pad_token_id: int, **generate_kwargs) -> list[Response]:
+    """One reply per prompt (token ids) from ``model.generate`` over a left-padded batch, each
+    cut at its first token of ``stop_ids``; ``generate_kwargs`` (``max_new_tokens``,
+    ``do_sample``, ...) go to ``generate``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), eos_token_id=list(stop_ids),
+                         pad_token_id=pad_token_id, **generate_kwargs)
+    responses = []
+    for row in out[:, width:].tolist():
+        finished = False
+        reply = []
+        for token in row:
+            if token in stop_ids:
+                finished = True
+                break
+            reply.append(token)
+        text = tokenizer.decode(reply, skip_special_tokens=True)
+        responses.append(Response(text, reply, finished))
+    return responses
 
 
 class _GateError(Exception):

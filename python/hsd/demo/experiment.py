@@ -108,25 +108,17 @@ def single_thread():
         torch.set_num_threads(previous)
 
 
-
-@torch.no_grad()
 def greedy_replies(model, tokenizer, texts: list[str], max_new_tokens: int = 24) -> list[str]:
-    """First tries: one greedy reply per single-message prompt (left-padded batch)."""
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
-                                             tokenize=True) for t in texts]
-    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else list(p) for p in prompts]
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    """First tries: one greedy reply per single-message prompt."""
+    from ..online import chat_prompt_ids, generate_replies
+
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    replies = generate_replies(model, tokenizer, prompts, [tokenizer.eos_token_id], tokenizer.pad_token_id,
+                               max_new_tokens=max_new_tokens, do_sample=False)
     model.train(was_training)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.tolist()]
+    return [r.text for r in replies]
 
 
 def evaluate(model, tokenizer, requests: list, style: str, prompt_of=None, max_new_tokens: int = 24) -> dict:
@@ -174,11 +166,12 @@ def _teacher_prompt(style: str, seed: int):
 def _sft_step(distiller, interactions) -> None:
     """Supervised fine-tuning on the policy's own replies (the SFT control): next-token loss on
     each reply given its prompt, one optimiser step."""
+    from ..online import chat_prompt_ids
+
     tokenizer, model = distiller.tokenizer, distiller.model
     losses = []
     for messages, reply in interactions:
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        prompt = list(prompt["input_ids"]) if hasattr(prompt, "keys") else list(prompt)
+        prompt = chat_prompt_ids(tokenizer, messages)
         target = tokenizer.encode(reply, add_special_tokens=False) + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt + target])
         labels = torch.tensor([[-100] * len(prompt) + target])
